@@ -1,0 +1,700 @@
+"""Explicit CPU backend for Megatron-Core (gloo, no CUDA).
+
+Megatron-Core hard-codes CUDA in many places (``torch.cuda.current_device()`` as a tensor
+device, ``device="cuda"`` literals, CUDA RNG state, CUDA streams/events, ``.cuda()`` calls).
+:func:`enable_cpu_backend` makes the training path of GPT/MoE models run on CPU with
+``torch.distributed`` gloo: single process and torchrun, TP (+SP), EP (alltoall token
+dispatcher), PP, PP with virtual pipeline (interleaved 1F1B), Megatron DDP,
+``finalize_model_grads`` (incl. the MoE router expert-bias update) and the non-distributed
+Megatron optimizer with fp32 params.
+
+Scope and safety
+----------------
+* Active only when ``torch.cuda.is_available()`` is False. On a CUDA machine
+  :func:`enable_cpu_backend` does nothing and returns False: no effect at all on GPU runs.
+* Idempotent; patches are applied once per process.
+* ``torch.cuda`` itself is NOT monkeypatched. Instead, in each megatron module listed below,
+  the module-global name ``torch`` is replaced by a :class:`_TorchProxy`. The proxy forwards
+  every attribute to the real ``torch`` except:
+
+  - ``proxy.cuda`` -> :class:`_CpuCudaNamespace`: ``current_device()`` -> ``torch.device("cpu")``,
+    ``get_rng_state/set_rng_state/manual_seed(_all)`` -> the CPU default generator
+    (``torch.get_rng_state`` ...), ``Stream/Event/current_stream/default_stream/stream()/
+    synchronize/empty_cache/nvtx.*`` -> no-ops, ``is_available()`` -> False; any other
+    attribute is forwarded to the real ``torch.cuda``.
+  - tensor factories (``tensor, as_tensor, zeros, ones, empty, full, arange, rand, randn,
+    randint, randperm, eye, linspace, *_like, empty_strided``) map a CUDA ``device``
+    (``"cuda"``, ``"cuda:N"``, ``torch.device("cuda", N)``, an int index) to CPU and drop
+    ``pin_memory=True``.
+
+  Code outside these modules (your code, torch, other libraries) sees the real ``torch``.
+* Seeding note: on this backend "the CUDA default generator" *is* the CPU default generator,
+  so ``model_parallel_cuda_manual_seed(seed)`` reseeds the CPU generator with ``seed`` (the
+  same thing Megatron's training loop does with ``torch.manual_seed(seed)`` right before it),
+  and ``get_cuda_rng_tracker().fork()`` swaps CPU generator states.
+* Pipeline parallelism: use ``ModelParallelConfig(batch_p2p_comm=False)`` on CPU. With gloo and
+  PP=2, ``batch_p2p_comm=True`` (``torch.distributed.batch_isend_irecv``) silently corrupts the
+  received activations; the backend therefore raises at ``P2PCommunicator`` construction when
+  ``batch_p2p_comm=True`` and the pipeline group has more than one rank.
+* Not covered: context parallelism (``get_pos_emb_on_this_cp_rank`` pins memory and calls
+  ``.cuda()``), CUDA graphs, ``overlap_grad_reduce``/``overlap_param_gather`` with streams are
+  untested, the distributed optimizer, fp16/bf16 params (``Float16OptimizerWithFloat16Params``
+  checks ``param.type() == 'torch.cuda.*Tensor'`` and rejects CPU params; fine), TE and apex
+  kernels, fused kernels that need CUDA (``moe_permute_fusion``, ``gradient_accumulation_fusion``),
+  ``enable_autocast`` (schedules use ``torch.autocast("cuda")``).
+
+Patched upstream sites (paths relative to ``megatron/core``; checked on 0.16.1; a site that
+does not exist in the installed release is skipped and reported by :func:`patched_sites`):
+
+``torch`` -> :class:`_TorchProxy` in these modules (what each one needs from it):
+
+* ``parallel_state.py``: ``torch.cuda.synchronize()`` / ``current_device()`` in
+  ``update_pg_timeout`` and SHARP set-up barriers.
+* ``utils.py``: ``GlobalMemoryBuffer.get_tensor`` (``device=torch.cuda.current_device()``; used
+  by ``DotProductAttention.forward`` and the SP all-gather), ``nvtx_range_push/pop``,
+  ``check_param_hashes_across_dp_replicas`` (``device="cuda"``).
+* ``tensor_parallel/random.py``: ``CudaRNGStatesTracker.add``/``fork`` and
+  ``model_parallel_cuda_manual_seed`` call ``torch.cuda.get_rng_state/manual_seed``.
+* ``tensor_parallel/layers.py``: ``_initialize_affine_weight_gpu``, ``VocabParallelEmbedding``,
+  ``LinearWithGradAccumulationAndAsyncCommunication`` (SP all-gather buffer, ``main_grad``
+  buffers), ``ColumnParallelLinear``/``RowParallelLinear`` GPU weight allocation:
+  ``device=torch.cuda.current_device()``.
+* ``tensor_parallel/mappings.py``: ``_gather_along_first_dim``, ``_reduce_scatter_along_first_dim``,
+  ``_gather_along_last_dim``, ``_AllToAll.forward``: output buffers on
+  ``torch.cuda.current_device()``.
+* ``tensor_parallel/utils.py``: ``gather_split_1d_tensor`` and friends (buffer device).
+* ``tensor_parallel/data.py``: ``broadcast_data`` / ``_build_key_size_numel_dictionaries``:
+  ``device='cuda'`` (``.cuda()`` on the data dict is NOT covered; pass CPU tensors yourself).
+* ``transformer/attention.py``: inference KV-cache buffers on ``torch.cuda.current_device()``.
+* ``transformer/dot_product_attention.py``: ``DotProductAttention.__init__`` ``device=current_device``
+  (softmax offset), dropout under ``get_cuda_rng_tracker().fork()``.
+* ``transformer/module.py``: ``MegatronModule`` helper buffers on ``current_device``.
+* ``transformer/transformer_layer.py``: ``.to(torch.cuda.current_device())`` /
+  ``device=torch.cuda.current_device()`` (layer-number/offset tensors).
+* ``transformer/transformer_block.py``, ``transformer/mlp.py``: ``torch.cuda.empty_cache`` /
+  ``OutOfMemoryError`` on the checkpoint / sharded-state paths.
+* ``transformer/utils.py``: ``get_default_causal_mask`` / ``get_sliding_window_causal_mask``:
+  ``torch.ones(..., device="cuda")`` (the default causal mask).
+* ``transformer/moe/router.py``: ``Router.gating`` moves weight/bias to
+  ``torch.cuda.current_device()``; ``TopKRouter.__init__`` registers ``local_tokens_per_expert``,
+  ``expert_bias``, ``global_tokens_per_expert``, ``ga_steps`` on ``current_device``.
+* ``transformer/moe/token_dispatcher.py``: ``MoEAlltoAllTokenDispatcher.__init__`` creates
+  ``torch.cuda.Stream()`` (class attribute ``cuda_dtoh_stream``);
+  ``_maybe_dtoh_and_synchronize`` uses ``current_stream()/stream()/record_event()/synchronize``.
+* ``transformer/moe/moe_utils.py``: ``save_to_aux_losses_tracker``
+  (``torch.zeros(..., device="cuda")``), ``maybe_move_tensor_to_cpu`` (``current_stream``).
+* ``transformer/moe/experts.py``: expert weight allocation on ``current_device``.
+* ``transformer/moe/shared_experts.py``: ``SharedExpertMLP`` overlap stream (no-op stream).
+* ``transformer/moe/moe_layer.py``: (same proxy; recompute/rng paths).
+* ``models/gpt/gpt_model.py``: ``GPTModel`` MTP / helper tensors on ``current_device``.
+* ``models/common/embeddings/rotary_pos_embedding.py``: ``RotaryEmbedding.__init__`` (inv_freq
+  device when ``use_cpu_initialization=False``), ``RotaryEmbedding.forward`` / ``get_emb``
+  ``inv_freq.to(torch.cuda.current_device())``; ``MultimodalRotaryEmbedding`` arange.
+* ``models/common/embeddings/yarn_rotary_pos_embedding.py``: same for YaRN.
+* ``pipeline_parallel/p2p_communication.py``: ``P2PCommunicator._communicate`` /
+  ``_communicate_shapes`` receive buffers on ``current_device``, ``torch.cuda.synchronize``.
+* ``pipeline_parallel/schedules.py``: ``forward_backward_*``: ``total_num_tokens =
+  torch.zeros([], device="cuda")``.
+* ``distributed/distributed_data_parallel.py``: ``torch.cuda.Stream`` for overlapped grad
+  reduce, ``synchronize``/``empty_cache`` in ``free/allocate`` helpers.
+* ``distributed/param_and_grad_buffer.py``: ``_ParamAndGradBuffer.__init__`` param/grad
+  buffers on ``current_device`` (the DDP grad buffers); bucket communication stream
+  context / ``default_stream().wait_stream``.
+* ``distributed/finalize_model_grads.py``: (same proxy; tensor helpers).
+* ``optimizer/optimizer.py``: ``MixedPrecisionOptimizer.__init__`` / ``FP32Optimizer.__init__``
+  ``torch.tensor(..., device='cuda')`` (``found_inf``, ``_scale``, ``_dummy_overflow_buf``),
+  ``get_loss_scale``.
+* ``optimizer/clip_grads.py``: ``get_grad_norm_fp32``, ``count_zeros_fp32``:
+  ``device='cuda'`` buffers.
+* ``optimizer/grad_scaler.py``: loss-scale tensors on ``'cuda'``.
+* ``rerun_state_machine.py``: ``RerunStateMachine`` ``device='cuda'`` reductions and
+  ``torch.cuda.get_rng_state`` in its state save/restore.
+
+Function / method replacements:
+
+* ``tensor_parallel/random.py:_get_cuda_rng_state`` / ``_set_cuda_rng_state`` -> CPU generator
+  state (upstream uses ``torch.cuda.default_generators`` and ``torch.cuda._lazy_call``; on a
+  CPU-only build ``_lazy_call`` queues the callback forever, so states would silently never be
+  restored).
+* ``optimizer/clip_grads.py:clip_grad_by_total_norm_fp32`` (also rebound in
+  ``optimizer/optimizer.py``) -> same computation, but accepts ``torch.FloatTensor`` grads
+  (upstream asserts ``param.grad.type() == 'torch.cuda.FloatTensor'``).
+* ``models/common/language_module/language_module.py:LanguageModule.setup_embeddings_and_output_layer``
+  -> runs with ``Tensor.cuda`` as identity for the duration of the call (upstream calls
+  ``weight.data.cuda()`` before the first/last-stage embedding all-reduce with tied embeddings
+  and PP>1; on a CPU-only build ``Tensor.cuda`` can only raise).
+* ``pipeline_parallel/p2p_communication.py:P2PCommunicator.__init__`` -> raises ``ValueError``
+  when ``config.batch_p2p_comm`` is True and the pipeline group has >1 rank (see above).
+
+The non-CPU-specific upstream defects (``te_general_gemm`` NameError, tensor split sizes to
+``all_to_all_single``) are fixed in :mod:`megatron_dots.compat.runtime_patches`, which the CPU
+path also needs: call ``apply_runtime_patches()`` too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import sys
+import threading
+import types
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+__all__ = [
+    "enable_cpu_backend",
+    "cpu_backend_active",
+    "patched_sites",
+    "PROXIED_MODULES",
+]
+
+_CPU = torch.device("cpu")
+
+# ---------------------------------------------------------------------------------------------
+# CPU stand-in for torch.cuda
+# ---------------------------------------------------------------------------------------------
+
+
+class _NullEvent:
+    """Stand-in for ``torch.cuda.Event``: CPU work is synchronous, so every op is a no-op."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None):
+        return None
+
+    def wait(self, stream=None):
+        return None
+
+    def synchronize(self):
+        return None
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, end_event):
+        return 0.0
+
+
+class _NullStream:
+    """Stand-in for ``torch.cuda.Stream``; also usable as a context manager."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream):
+        return None
+
+    def wait_event(self, event):
+        return None
+
+    def record_event(self, event=None):
+        return event if event is not None else _NullEvent()
+
+    def synchronize(self):
+        return None
+
+    def query(self):
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __eq__(self, other):
+        return isinstance(other, _NullStream)
+
+    def __hash__(self):
+        return 0
+
+
+_DEFAULT_STREAM = _NullStream()
+
+
+class _Namespace(types.SimpleNamespace):
+    pass
+
+
+def _noop(*args, **kwargs):
+    return None
+
+
+@contextlib.contextmanager
+def _null_context(*args, **kwargs):
+    yield
+
+
+class _CpuCudaNamespace:
+    """What ``torch.cuda`` looks like to the proxied megatron modules on the CPU backend."""
+
+    Stream = _NullStream
+    Event = _NullEvent
+
+    def __init__(self, real_cuda):
+        self._real = real_cuda
+        self.nvtx = _Namespace(range_push=_noop, range_pop=_noop, mark=_noop, range=_null_context)
+        self.random = _Namespace(
+            get_rng_state=self.get_rng_state,
+            set_rng_state=self.set_rng_state,
+            manual_seed=self.manual_seed,
+            manual_seed_all=self.manual_seed_all,
+        )
+
+    # devices -----------------------------------------------------------------------------
+    @staticmethod
+    def is_available():
+        return False
+
+    @staticmethod
+    def current_device():
+        return _CPU
+
+    @staticmethod
+    def device_count():
+        return 0
+
+    @staticmethod
+    def set_device(device):
+        return None
+
+    @staticmethod
+    def is_current_stream_capturing():
+        return False
+
+    # rng ---------------------------------------------------------------------------------
+    @staticmethod
+    def get_rng_state(device=None):
+        return torch.get_rng_state()
+
+    @staticmethod
+    def set_rng_state(new_state, device=None):
+        torch.set_rng_state(new_state)
+
+    @staticmethod
+    def manual_seed(seed):
+        torch.manual_seed(seed)
+
+    @staticmethod
+    def manual_seed_all(seed):
+        torch.manual_seed(seed)
+
+    @staticmethod
+    def initial_seed():
+        return torch.initial_seed()
+
+    # streams / sync / memory ---------------------------------------------------------------
+    @staticmethod
+    def current_stream(device=None):
+        return _DEFAULT_STREAM
+
+    @staticmethod
+    def default_stream(device=None):
+        return _DEFAULT_STREAM
+
+    @staticmethod
+    def stream(stream=None):
+        return contextlib.nullcontext()
+
+    synchronize = staticmethod(_noop)
+    empty_cache = staticmethod(_noop)
+    reset_peak_memory_stats = staticmethod(_noop)
+
+    @staticmethod
+    def memory_allocated(device=None):
+        return 0
+
+    max_memory_allocated = memory_allocated
+    memory_reserved = memory_allocated
+    max_memory_reserved = memory_allocated
+
+    def __getattr__(self, name):
+        # Types (FloatTensor, OutOfMemoryError, CUDAGraph, ...) and anything not overridden
+        # above come from the real torch.cuda; calling into CUDA there raises as usual.
+        return getattr(self._real, name)
+
+    def __repr__(self):
+        return "<megatron_dots CPU stand-in for torch.cuda>"
+
+
+def _is_cuda_device(device) -> bool:
+    if device is None:
+        return False
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.split(":", 1)[0] == "cuda"
+    if isinstance(device, int) and not isinstance(device, bool):
+        return True  # torch treats a bare int device as a CUDA index
+    return False
+
+
+def _cpu_factory(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = _CPU
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        return fn(*args, **kwargs)
+
+    wrapper.__megatron_dots_cpu_factory__ = True
+    return wrapper
+
+
+_FACTORIES = (
+    "tensor",
+    "as_tensor",
+    "zeros",
+    "ones",
+    "empty",
+    "full",
+    "arange",
+    "rand",
+    "randn",
+    "randint",
+    "randperm",
+    "eye",
+    "linspace",
+    "zeros_like",
+    "ones_like",
+    "empty_like",
+    "full_like",
+    "rand_like",
+    "randn_like",
+    "empty_strided",
+)
+
+
+class _TorchProxy(types.ModuleType):
+    """``torch`` as seen by one proxied megatron module on the CPU backend."""
+
+    def __init__(self, cuda_namespace: _CpuCudaNamespace):
+        super().__init__("torch", torch.__doc__)
+        self.cuda = cuda_namespace
+        for name in _FACTORIES:
+            if hasattr(torch, name):
+                setattr(self, name, _cpu_factory(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def __repr__(self):
+        return "<megatron_dots CPU proxy for module 'torch'>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sites
+# ---------------------------------------------------------------------------------------------
+
+# (module under megatron.core, what it needs the proxy for). Keep in sync with the docstring.
+PROXIED_MODULES: Tuple[Tuple[str, str], ...] = (
+    ("parallel_state", "torch.cuda.synchronize/current_device in pg-timeout and SHARP set-up"),
+    ("utils", "GlobalMemoryBuffer.get_tensor buffers on current_device, nvtx, param-hash helpers"),
+    ("tensor_parallel.random", "rng tracker: torch.cuda.get_rng_state/manual_seed -> CPU generator"),
+    ("tensor_parallel.layers", "weight / SP all-gather / main_grad buffers on current_device"),
+    ("tensor_parallel.mappings", "gather / reduce-scatter / all-to-all output buffers on current_device"),
+    ("tensor_parallel.utils", "gather_split_1d_tensor buffers on current_device"),
+    ("tensor_parallel.data", "broadcast_data size buffers device='cuda'"),
+    ("transformer.attention", "inference KV-cache buffers on current_device"),
+    ("transformer.dot_product_attention", "softmax-offset buffers on current_device"),
+    ("transformer.module", "MegatronModule buffers on current_device"),
+    ("transformer.transformer_layer", "tensors moved to torch.cuda.current_device()"),
+    ("transformer.transformer_block", "torch.cuda.* on checkpoint paths"),
+    ("transformer.mlp", "torch.cuda.empty_cache/OutOfMemoryError on sharded-state path"),
+    ("transformer.utils", "get_default_causal_mask: torch.ones(..., device='cuda')"),
+    ("transformer.moe.router", "TopKRouter buffers / Router.gating weight move on current_device"),
+    ("transformer.moe.token_dispatcher", "MoEAlltoAllTokenDispatcher DtoH stream/event"),
+    ("transformer.moe.moe_utils", "aux-loss tracker device='cuda', current_stream"),
+    ("transformer.moe.experts", "expert weights on current_device"),
+    ("transformer.moe.shared_experts", "SharedExpertMLP overlap stream"),
+    ("transformer.moe.moe_layer", "torch.cuda.* helpers"),
+    ("models.gpt.gpt_model", "GPTModel helper tensors on current_device"),
+    ("models.common.embeddings.rotary_pos_embedding", "RoPE inv_freq on current_device"),
+    ("models.common.embeddings.yarn_rotary_pos_embedding", "YaRN inv_freq on current_device"),
+    ("pipeline_parallel.p2p_communication", "p2p receive buffers on current_device, synchronize"),
+    ("pipeline_parallel.schedules", "total_num_tokens = torch.zeros(..., device='cuda')"),
+    ("distributed.distributed_data_parallel", "communication stream, synchronize/empty_cache"),
+    ("distributed.param_and_grad_buffer", "DDP param/grad buffers on current_device, streams"),
+    ("distributed.finalize_model_grads", "tensor helpers"),
+    ("optimizer.optimizer", "found_inf/_scale/_dummy_overflow_buf device='cuda'"),
+    ("optimizer.clip_grads", "grad-norm / count-zeros buffers device='cuda'"),
+    ("optimizer.grad_scaler", "loss-scale tensors device='cuda'"),
+    ("rerun_state_machine", "device='cuda' reductions, torch.cuda rng state"),
+)
+
+_LOCK = threading.Lock()
+_ACTIVE = False
+_SITES: List[Tuple[str, str]] = []
+_SKIPPED: List[Tuple[str, str]] = []
+_CUDA_NS: Optional[_CpuCudaNamespace] = None
+
+
+def cpu_backend_active() -> bool:
+    """True once :func:`enable_cpu_backend` has patched this process."""
+    return _ACTIVE
+
+
+def patched_sites(include_skipped: bool = False) -> List[Tuple[str, str]]:
+    """The registry: ``(upstream_site, description)`` for each applied patch.
+
+    With ``include_skipped=True`` sites that were absent in the installed megatron-core are
+    appended as ``(site, "SKIPPED: reason")``.
+    """
+    out = list(_SITES)
+    if include_skipped:
+        out += [(s, f"SKIPPED: {why}") for s, why in _SKIPPED]
+    return out
+
+
+def _import(name: str):
+    try:
+        return importlib.import_module(f"megatron.core.{name}")
+    except Exception as exc:  # moved / removed in another release
+        _SKIPPED.append((f"megatron/core/{name.replace('.', '/')}.py", f"import failed: {exc}"))
+        return None
+
+
+def _rebind_function(module, name: str, new: Callable, site: str, description: str) -> bool:
+    """Replace ``module.name`` and every ``megatron.core.*`` module global bound to it."""
+    old = getattr(module, name, None) if module is not None else None
+    if old is None:
+        _SKIPPED.append((site, "attribute not found"))
+        return False
+    new.__wrapped_original__ = old
+    for mod in list(sys.modules.values()):
+        if (
+            isinstance(mod, types.ModuleType)
+            and getattr(mod, "__name__", "").startswith("megatron.core")
+            and getattr(mod, name, None) is old
+        ):
+            setattr(mod, name, new)
+    _SITES.append((site, description))
+    return True
+
+
+# --- replacement functions ------------------------------------------------------------------
+
+
+def _cpu_get_rng_state(device=None, clone: bool = False, graph_safe: bool = False, **_):
+    state = torch.get_rng_state()
+    return state.clone() if clone else state
+
+
+def _cpu_set_rng_state(new_state, device: int = -1, graph_safe: bool = False, **_):
+    torch.set_rng_state(new_state)
+
+
+def _make_clip_grad_by_total_norm_fp32(original: Callable) -> Callable:
+    from megatron.core.utils import to_local_if_dtensor
+
+    @functools.wraps(original)
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        grads = []
+        for param in parameters:
+            grad = param.decoupled_grad if use_decoupled_grad else param.grad
+            if grad is None:
+                continue
+            assert grad.dtype in (torch.float32, torch.bfloat16) if use_decoupled_grad else (
+                grad.dtype == torch.float32
+            ), f"expected fp32 grads, got {grad.dtype}"
+            grads.append(to_local_if_dtensor(grad).detach())
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0 and grads:
+            torch._foreach_mul_(grads, clip_coeff)
+
+    return clip_grad_by_total_norm_fp32
+
+
+@contextlib.contextmanager
+def _tensor_cuda_is_identity():
+    """Within the block ``Tensor.cuda()`` returns the tensor (CPU-only build: it would raise)."""
+    original = torch.Tensor.cuda
+
+    def _identity(self, *args, **kwargs):
+        return self
+
+    torch.Tensor.cuda = _identity
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+def _make_setup_embeddings(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def setup_embeddings_and_output_layer(self, *args, **kwargs):
+        with _tensor_cuda_is_identity():
+            return original(self, *args, **kwargs)
+
+    setup_embeddings_and_output_layer.__wrapped_original__ = original
+    return setup_embeddings_and_output_layer
+
+
+BATCH_P2P_MESSAGE = (
+    "batch_p2p_comm=True is not supported on the megatron_dots CPU backend: with gloo and "
+    "pipeline parallelism torch.distributed.batch_isend_irecv silently corrupts received "
+    "activations. Set ModelParallelConfig/TransformerConfig(batch_p2p_comm=False)."
+)
+
+
+def _make_p2p_init(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def __init__(self, pp_group, config, *args, **kwargs):
+        if (
+            getattr(config, "batch_p2p_comm", False)
+            and pp_group is not None
+            and pp_group.size() > 1
+        ):
+            raise ValueError(BATCH_P2P_MESSAGE)
+        return original(self, pp_group, config, *args, **kwargs)
+
+    __init__.__wrapped_original__ = original
+    return __init__
+
+
+def _is_megatron_compiled(obj) -> bool:
+    orig = getattr(obj, "_torchdynamo_orig_callable", None)
+    return orig is not None and getattr(orig, "__module__", "").startswith("megatron.core")
+
+
+def _unwrap_jit_fuser() -> List[str]:
+    """Undo ``megatron.core.jit.jit_fuser`` (= ``torch.compile``) on megatron functions.
+
+    Returns the qualified names of the functions that were unwrapped.
+    """
+    done = []
+    jit = _import("jit")
+    if jit is not None and hasattr(jit, "disable_jit_fuser"):
+        jit.disable_jit_fuser()  # modules imported from now on get the no-op decorator
+    for mod in list(sys.modules.values()):
+        mod_name = getattr(mod, "__name__", "")
+        if not isinstance(mod, types.ModuleType) or not mod_name.startswith("megatron.core"):
+            continue
+        for attr, value in list(vars(mod).items()):
+            if callable(value) and _is_megatron_compiled(value):
+                orig = value._torchdynamo_orig_callable
+                setattr(mod, attr, orig)
+                done.append(f"{orig.__module__}.{orig.__qualname__}")
+            elif isinstance(value, type) and value.__module__ == mod_name:
+                for cattr, cvalue in list(vars(value).items()):
+                    if isinstance(cvalue, (staticmethod, classmethod)):
+                        inner = cvalue.__func__
+                        if _is_megatron_compiled(inner):
+                            setattr(value, cattr, type(cvalue)(inner._torchdynamo_orig_callable))
+                            done.append(f"{mod_name}.{value.__qualname__}.{cattr}")
+                    elif callable(cvalue) and _is_megatron_compiled(cvalue):
+                        setattr(value, cattr, cvalue._torchdynamo_orig_callable)
+                        done.append(f"{mod_name}.{value.__qualname__}.{cattr}")
+    return sorted(set(done))
+
+
+# --- main entry ------------------------------------------------------------------------------
+
+
+def enable_cpu_backend() -> bool:
+    """Patch the listed megatron-core sites so the training path runs on CPU.
+
+    Returns True when the backend is active after the call, False (and does nothing) when
+    CUDA is available. Idempotent.
+    """
+    global _ACTIVE, _CUDA_NS
+    if torch.cuda.is_available():
+        return False
+    with _LOCK:
+        if _ACTIVE:
+            return True
+        _CUDA_NS = _CpuCudaNamespace(torch.cuda)
+        proxy = _TorchProxy(_CUDA_NS)
+
+        for name, why in PROXIED_MODULES:
+            site = f"megatron/core/{name.replace('.', '/')}.py"
+            mod = _import(name)
+            if mod is None:
+                continue
+            current = getattr(mod, "torch", None)
+            if current is torch:
+                mod.torch = proxy
+                _SITES.append((f"{site}: module global `torch`", f"CPU torch proxy ({why})"))
+            elif isinstance(current, _TorchProxy):
+                pass
+            else:
+                _SKIPPED.append((site, "module has no global `torch`"))
+
+        random_mod = _import("tensor_parallel.random")
+        _rebind_function(
+            random_mod,
+            "_get_cuda_rng_state",
+            _cpu_get_rng_state,
+            "megatron/core/tensor_parallel/random.py:_get_cuda_rng_state",
+            "returns torch.get_rng_state() (CPU generator) instead of the CUDA generator state",
+        )
+        _rebind_function(
+            random_mod,
+            "_set_cuda_rng_state",
+            _cpu_set_rng_state,
+            "megatron/core/tensor_parallel/random.py:_set_cuda_rng_state",
+            "torch.set_rng_state() instead of torch.cuda._lazy_call (never runs without CUDA)",
+        )
+
+        clip_mod = _import("optimizer.clip_grads")
+        original_clip = getattr(clip_mod, "clip_grad_by_total_norm_fp32", None)
+        if original_clip is not None:
+            _rebind_function(
+                clip_mod,
+                "clip_grad_by_total_norm_fp32",
+                _make_clip_grad_by_total_norm_fp32(original_clip),
+                "megatron/core/optimizer/clip_grads.py:clip_grad_by_total_norm_fp32 "
+                "(+ rebound in optimizer/optimizer.py)",
+                "accepts CPU fp32 grads (upstream asserts type 'torch.cuda.FloatTensor')",
+            )
+        else:
+            _SKIPPED.append(("optimizer/clip_grads.py:clip_grad_by_total_norm_fp32", "absent"))
+
+        lm_mod = _import("models.common.language_module.language_module")
+        lm_cls = getattr(lm_mod, "LanguageModule", None)
+        if lm_cls is not None and hasattr(lm_cls, "setup_embeddings_and_output_layer"):
+            lm_cls.setup_embeddings_and_output_layer = _make_setup_embeddings(
+                lm_cls.setup_embeddings_and_output_layer
+            )
+            _SITES.append(
+                (
+                    "megatron/core/models/common/language_module/language_module.py:"
+                    "LanguageModule.setup_embeddings_and_output_layer",
+                    "Tensor.cuda is identity during the call (weight.data.cuda() before the "
+                    "tied-embedding all-reduce)",
+                )
+            )
+        else:
+            _SKIPPED.append(("LanguageModule.setup_embeddings_and_output_layer", "absent"))
+
+        p2p_mod = _import("pipeline_parallel.p2p_communication")
+        p2p_cls = getattr(p2p_mod, "P2PCommunicator", None)
+        if p2p_cls is not None:
+            p2p_cls.__init__ = _make_p2p_init(p2p_cls.__init__)
+            _SITES.append(
+                (
+                    "megatron/core/pipeline_parallel/p2p_communication.py:P2PCommunicator.__init__",
+                    "raises ValueError for batch_p2p_comm=True with PP>1 (gloo corrupts it)",
+                )
+            )
+        else:
+            _SKIPPED.append(("pipeline_parallel/p2p_communication.py:P2PCommunicator", "absent"))
+
+        for qualname in _unwrap_jit_fuser():
+            _SITES.append(
+                (
+                    qualname,
+                    "jit_fuser (torch.compile) removed: eager original (inductor compile costs "
+                    "~30 s per process on CPU for no benefit at test sizes)",
+                )
+            )
+
+        _ACTIVE = True
+        return True

@@ -1,0 +1,85 @@
+"""torch.distributed start-up helpers that work on CPU (gloo) and GPU (nccl).
+
+``init_distributed`` reads the usual torchrun environment variables (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); without them it starts a
+single-process group on a free local port, so the same code runs under ``python script.py``
+and under ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+from typing import Optional
+
+import torch
+
+__all__ = ["default_device", "init_distributed", "local_rank"]
+
+
+def local_rank() -> int:
+    """The process's rank on its node (``LOCAL_RANK``), 0 when not launched by torchrun."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def default_device() -> torch.device:
+    """``cuda:<LOCAL_RANK>`` when CUDA is available, else ``cpu``."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(
+    backend: Optional[str] = None, timeout_minutes: Optional[float] = None
+) -> bool:
+    """Initialise the default process group from torchrun env vars, if not done yet.
+
+    Args:
+        backend: ``"gloo"`` or ``"nccl"``; default ``nccl`` when CUDA is available, else
+            ``gloo``.
+        timeout_minutes: collective timeout; default torch's own.
+
+    Returns:
+        True if this call initialised the group, False if it was already initialised.
+
+    On GPU the current CUDA device is set to ``LOCAL_RANK`` first. Without ``RANK`` /
+    ``WORLD_SIZE`` in the environment a world of one process is created
+    (``MASTER_ADDR=127.0.0.1`` and a free ``MASTER_PORT`` are filled in when missing).
+    """
+    if not torch.distributed.is_available():
+        raise RuntimeError("torch.distributed is not available in this torch build")
+    if torch.distributed.is_initialized():
+        return False
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise RuntimeError("backend='nccl' needs CUDA; use backend='gloo' on CPU")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if int(os.environ["WORLD_SIZE"]) != 1:
+            raise RuntimeError("MASTER_PORT must be set for a multi-process launch")
+        os.environ["MASTER_PORT"] = str(_free_port())
+
+    kwargs = {}
+    if timeout_minutes is not None:
+        kwargs["timeout"] = timedelta(minutes=timeout_minutes)
+    torch.distributed.init_process_group(
+        backend=backend,
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        **kwargs,
+    )
+    return True

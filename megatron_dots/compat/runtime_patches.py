@@ -1,0 +1,120 @@
+"""Fixes for upstream Megatron-Core defects, applied on any device.
+
+Each patch is narrow, idempotent and a no-op where the defect is absent (the site is patched
+only if the attribute exists; a moved or already fixed site is skipped and reported by
+:func:`applied_patches`).
+
+1. ``megatron/core/transformer/moe/moe_utils.py`` (megatron-core 0.16.1):
+   ``RouterGatingLinearFunction.forward/backward`` test ``te_general_gemm is not None``, but
+   the name is only bound inside ``try: import transformer_engine ...``; without Transformer
+   Engine every router forward raises ``NameError: name 'te_general_gemm' is not defined``.
+   Fix: bind ``moe_utils.te_general_gemm = None`` when it is missing.
+
+2. ``megatron/core/tensor_parallel/mappings.py:_AllToAll.forward`` (megatron-core 0.16.1),
+   reached from ``megatron/core/transformer/moe/token_dispatcher.py``:
+   ``MoEAlltoAllTokenDispatcher.token_dispatch/token_combine`` pass ``self.input_splits`` /
+   ``self.output_splits`` to ``all_to_all(...)``. Those are computed as torch tensors in
+   ``MoEAlltoAllTokenDispatcher.preprocess`` and turned into numpy arrays by
+   ``_maybe_dtoh_and_synchronize`` -> ``moe_utils.maybe_move_tensor_to_cpu(as_numpy=True)``
+   *only if the tensor is on CUDA*. On CPU they stay torch tensors, and
+   ``torch.distributed.all_to_all_single`` rejects tensors as split sizes
+   (``TypeError: all_to_all_single(): incompatible function arguments``). Fix: wrap
+   ``_AllToAll.forward`` to convert split sizes (tensor / numpy / sequence) into Python lists
+   of ints before calling the original (the lists are also what ``backward`` reuses).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import List, Tuple
+
+__all__ = ["apply_runtime_patches", "applied_patches", "as_split_sizes"]
+
+_LOCK = threading.Lock()
+_APPLIED = False
+_SITES: List[Tuple[str, str]] = []
+_SKIPPED: List[Tuple[str, str]] = []
+
+
+def applied_patches(include_skipped: bool = False) -> List[Tuple[str, str]]:
+    """``(upstream_site, description)`` for each applied patch (+ skipped ones on request)."""
+    out = list(_SITES)
+    if include_skipped:
+        out += [(s, f"SKIPPED: {why}") for s, why in _SKIPPED]
+    return out
+
+
+def as_split_sizes(sizes):
+    """None, or a Python ``list`` of ``int`` from a tensor / numpy array / sequence."""
+    if sizes is None:
+        return None
+    if hasattr(sizes, "tolist"):  # torch.Tensor, numpy.ndarray
+        sizes = sizes.tolist()
+    return [int(s) for s in sizes]
+
+
+def _patch_te_general_gemm() -> None:
+    """moe_utils.py (0.16.1): ``te_general_gemm`` unbound when TE is not installed."""
+    site = "megatron/core/transformer/moe/moe_utils.py: module global te_general_gemm"
+    try:
+        from megatron.core.transformer.moe import moe_utils
+    except Exception as exc:  # pragma: no cover - moved module
+        _SKIPPED.append((site, f"import failed: {exc}"))
+        return
+    if not hasattr(moe_utils, "RouterGatingLinearFunction"):
+        _SKIPPED.append((site, "RouterGatingLinearFunction absent"))
+        return
+    if hasattr(moe_utils, "te_general_gemm"):
+        _SKIPPED.append((site, "already defined (TE present or fixed upstream)"))
+        return
+    moe_utils.te_general_gemm = None
+    _SITES.append(
+        (site, "defined as None so RouterGatingLinearFunction falls back to torch.mm without TE")
+    )
+
+
+def _patch_all_to_all_split_sizes() -> None:
+    """mappings.py (0.16.1): ``_AllToAll.forward`` given tensor split sizes on CPU."""
+    site = "megatron/core/tensor_parallel/mappings.py:_AllToAll.forward"
+    try:
+        from megatron.core.tensor_parallel import mappings
+    except Exception as exc:  # pragma: no cover
+        _SKIPPED.append((site, f"import failed: {exc}"))
+        return
+    cls = getattr(mappings, "_AllToAll", None)
+    if cls is None or "forward" not in cls.__dict__:
+        _SKIPPED.append((site, "_AllToAll.forward absent"))
+        return
+    original = cls.__dict__["forward"]
+    original_fn = original.__func__ if isinstance(original, staticmethod) else original
+    if getattr(original_fn, "__megatron_dots_patched__", False):
+        return
+
+    @functools.wraps(original_fn)
+    def forward(ctx, group, input, output_split_sizes, input_split_sizes):
+        return original_fn(
+            ctx, group, input, as_split_sizes(output_split_sizes), as_split_sizes(input_split_sizes)
+        )
+
+    forward.__megatron_dots_patched__ = True
+    forward.__wrapped_original__ = original_fn
+    cls.forward = staticmethod(forward)
+    _SITES.append(
+        (
+            site,
+            "split sizes converted to list[int] (MoEAlltoAllTokenDispatcher keeps them as "
+            "torch tensors on CPU; all_to_all_single rejects tensors)",
+        )
+    )
+
+
+def apply_runtime_patches() -> List[Tuple[str, str]]:
+    """Apply all runtime patches once; returns :func:`applied_patches`."""
+    global _APPLIED
+    with _LOCK:
+        if not _APPLIED:
+            _patch_te_general_gemm()
+            _patch_all_to_all_split_sizes()
+            _APPLIED = True
+    return applied_patches()

@@ -1,0 +1,1 @@
+"""Megatron-Core <-> Hugging Face dots1: name/layout mapping and TP/EP sharding."""

@@ -1,0 +1,104 @@
+"""Between full (unsharded, global-index) Megatron tensors and one rank's model chunk.
+
+A model chunk's state dict uses local layer and expert indices and holds TP / expert-TP shards.
+`global_key` renames a local key to the full key of `hf_mapping`; `shard` cuts a full tensor
+down to this rank's piece using the partition attributes Megatron-Core puts on parameters
+(`tensor_model_parallel`, `partition_dim`; expert parameters use the expert-TP rank).
+`load_full_state_dict` fills a chunk from a full state dict; tests use `shard` to compare
+gradients of any layout against a single-process run.
+"""
+
+import re
+from typing import Callable, Dict, Iterator, Mapping, Tuple
+
+import torch
+
+from megatron.core import parallel_state
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_LOCAL_EXPERT = re.compile(r"(mlp\.experts\.local_experts\.)(\d+)(\.)")
+_TE_EXPERT = re.compile(r"(mlp\.experts\.linear_fc[12]\.weight)(\d+)$")
+_GLU = re.compile(r"linear_fc1\.weight\d*$")
+
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
+        chunk = chunk.module
+    return chunk
+
+
+def global_key(chunk: torch.nn.Module, local_key: str) -> str:
+    """Full key (global layer / expert indices) of a key of `chunk.state_dict()`."""
+    m = _LAYER.match(local_key)
+    if not m:
+        return local_key
+    layer = _unwrap(chunk).decoder.layers[int(m.group(1))]
+    key = f"decoder.layers.{layer.layer_number - 1}." + local_key[m.end():]
+    indices = getattr(layer.mlp, "local_expert_indices", None)
+    if indices is not None:
+        key = _LOCAL_EXPERT.sub(lambda e: f"{e.group(1)}{indices[int(e.group(2))]}{e.group(3)}", key)
+        key = _TE_EXPERT.sub(lambda e: f"{e.group(1)}{indices[int(e.group(2))]}", key)
+    return key
+
+
+def _tp_rank_and_size(tensor: torch.Tensor) -> Tuple[int, int]:
+    if getattr(tensor, "allreduce", True) is False:  # expert parameter
+        return (
+            parallel_state.get_expert_tensor_parallel_rank(),
+            parallel_state.get_expert_tensor_parallel_world_size(),
+        )
+    return (
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+    )
+
+
+def shard(full: torch.Tensor, local: torch.Tensor, key: str) -> torch.Tensor:
+    """This rank's piece of `full`, laid out like the local tensor `local` (a parameter)."""
+    if not getattr(local, "tensor_model_parallel", False):
+        return full
+    rank, size = _tp_rank_and_size(local)
+    dim = local.partition_dim
+    if _GLU.search(key):  # [gate; up]: each rank holds [gate_r; up_r]
+        gate, up = torch.chunk(full, 2, dim=dim)
+        return torch.cat([torch.chunk(gate, size, dim)[rank], torch.chunk(up, size, dim)[rank]], dim)
+    return torch.chunk(full, size, dim=dim)[rank]
+
+
+def local_tensors(chunk: torch.nn.Module) -> Iterator[Tuple[str, str, torch.Tensor]]:
+    """(local key, full key, tensor) for every persistent tensor of the chunk."""
+    for key, tensor in chunk.state_dict(keep_vars=True).items():
+        if key.endswith("_extra_state"):
+            continue
+        yield key, global_key(chunk, key), tensor
+
+
+def load_full_state_dict(chunk: torch.nn.Module, full: Mapping[str, torch.Tensor]) -> None:
+    """Copy the matching shards of a full state dict into `chunk`; every tensor must be found."""
+    with torch.no_grad():
+        for local_key, key, tensor in local_tensors(chunk):
+            if key not in full:
+                raise KeyError(f"full state dict has no {key!r} (needed for {local_key!r})")
+            piece = shard(full[key], tensor, key)
+            if piece.shape != tensor.shape:
+                raise ValueError(
+                    f"{key}: shard shape {tuple(piece.shape)} != parameter {tuple(tensor.shape)}"
+                )
+            tensor.copy_(piece)
+
+
+def local_grads(
+    chunk: torch.nn.Module, grad_of: Callable[[torch.nn.Parameter], torch.Tensor] = None
+) -> Dict[str, torch.Tensor]:
+    """{full key: gradient shard} for the chunk's parameters (DDP `main_grad` when present)."""
+    grad_of = grad_of or (lambda p: getattr(p, "main_grad", None) if hasattr(p, "main_grad")
+                          else p.grad)
+    named = dict(_unwrap(chunk).named_parameters())
+    out = {}
+    for local_key, key, tensor in local_tensors(_unwrap(chunk)):
+        param = named.get(local_key)
+        if param is None:
+            continue
+        grad = grad_of(param)
+        out[key] = None if grad is None else grad.detach().clone()
+    return out

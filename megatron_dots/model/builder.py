@@ -1,0 +1,47 @@
+"""`build_dots_model`: a Megatron-Core `GPTModel` (one pipeline stage / virtual stage) of dots."""
+
+from typing import Optional
+
+from megatron.core.models.gpt import GPTModel
+
+from ..config import DotsConfig
+from .specs import get_dots_decoder_block_spec
+
+
+def build_dots_model(
+    dots_config: DotsConfig,
+    config=None,
+    *,
+    backend: str = "auto",
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: Optional[int] = None,
+    pg_collection=None,
+    **transformer_overrides,
+) -> GPTModel:
+    """Build the part of a dots model that this rank holds.
+
+    `config` is a Megatron-Core `TransformerConfig`; by default it is made from `dots_config`
+    with `transformer_overrides` (parallel sizes, precision...). Process groups default to
+    Megatron-Core's global parallel state, which must be initialised first.
+    """
+    if config is None:
+        config = dots_config.to_transformer_config(**transformer_overrides)
+    elif transformer_overrides:
+        raise TypeError("pass either a TransformerConfig or TransformerConfig overrides, not both")
+    block_spec = get_dots_decoder_block_spec(config, backend=backend, vp_stage=vp_stage)
+    kwargs = {} if pg_collection is None else {"pg_collection": pg_collection}
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec,
+        vocab_size=dots_config.padded_vocab_size(config.tensor_model_parallel_size),
+        max_sequence_length=dots_config.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=dots_config.rotary_base,
+        vp_stage=vp_stage,
+        **kwargs,
+    )

@@ -1,0 +1,40 @@
+"""`DotsMoELayer`: the dots MoE block (routed experts + always-on shared experts).
+
+output = sum_k w_k * expert_k(x) + shared(x), with w from `DotsRouter` (already multiplied by
+`routed_scaling_factor`) and the shared-expert output added unscaled. It is a Megatron-Core
+`MoELayer` (same route / dispatch / experts / combine stages and attribute names), so the
+token dispatchers, `finalize_model_grads` and the combined-1F1B overlap schedule treat it as
+their own; it adds the dots invariants and access to the router's load counters.
+"""
+
+import torch
+
+from megatron.core.transformer.moe.moe_layer import MoELayer
+
+from .router import DotsRouter
+
+
+class DotsMoELayer(MoELayer):
+    """Megatron-Core MoE layer with the dots router and an unscaled shared expert."""
+
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
+        if getattr(config, "moe_shared_expert_gate", False):
+            raise ValueError(
+                "dots shared experts are ungated: set TransformerConfig.moe_shared_expert_gate=False"
+            )
+        if getattr(config, "moe_latent_size", None):
+            raise ValueError("dots MoE layers have no latent projection (moe_latent_size)")
+        super().__init__(
+            config=config,
+            submodules=submodules,
+            layer_number=layer_number,
+            pg_collection=pg_collection,
+        )
+        if not isinstance(self.router, DotsRouter):
+            raise TypeError(
+                f"DotsMoELayer needs a DotsRouter, the spec gave {type(self.router).__name__}"
+            )
+
+    def take_expert_load(self) -> torch.Tensor:
+        """Tokens this rank routed to each (global) expert since the last call; resets."""
+        return self.router.take_expert_load()
