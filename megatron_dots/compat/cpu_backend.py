@@ -32,16 +32,23 @@ Scope and safety
   so ``model_parallel_cuda_manual_seed(seed)`` reseeds the CPU generator with ``seed`` (the
   same thing Megatron's training loop does with ``torch.manual_seed(seed)`` right before it),
   and ``get_cuda_rng_tracker().fork()`` swaps CPU generator states.
-* Pipeline parallelism: use ``ModelParallelConfig(batch_p2p_comm=False)`` on CPU. With gloo and
-  PP=2, ``batch_p2p_comm=True`` (``torch.distributed.batch_isend_irecv``) silently corrupts the
-  received activations; the backend therefore raises at ``P2PCommunicator`` construction when
-  ``batch_p2p_comm=True`` and the pipeline group has more than one rank.
-* Not covered: context parallelism (``get_pos_emb_on_this_cp_rank`` pins memory and calls
-  ``.cuda()``), CUDA graphs, ``overlap_grad_reduce``/``overlap_param_gather`` with streams are
-  untested, the distributed optimizer, fp16/bf16 params (``Float16OptimizerWithFloat16Params``
-  checks ``param.type() == 'torch.cuda.*Tensor'`` and rejects CPU params; fine), TE and apex
-  kernels, fused kernels that need CUDA (``moe_permute_fusion``, ``gradient_accumulation_fusion``),
-  ``enable_autocast`` (schedules use ``torch.autocast("cuda")``).
+* Pipeline parallelism: use ``ModelParallelConfig(batch_p2p_comm=False)`` on CPU (the default is
+  True). With gloo and PP=2, ``batch_p2p_comm=True`` (``torch.distributed.batch_isend_irecv``)
+  silently corrupts received activations/gradients: with the interleaved schedule (VPP=2) a rank
+  sends to and receives from the same peer in both directions inside one batch, gloo matches
+  the messages in posting order, and the previous-stage tensor lands in the next-stage buffer
+  (losses off by ~1e-2, no error; plain PP=2 1F1B happened to be correct in our tests). The
+  backend therefore raises at ``P2PCommunicator`` construction when ``batch_p2p_comm=True`` and
+  the pipeline group has more than one rank.
+* Not covered / untested: context parallelism
+  (``models/common/embeddings/rope_utils.py:get_pos_emb_on_this_cp_rank`` pins memory and calls
+  ``.cuda()``); CUDA graphs; ``overlap_grad_reduce``/``overlap_param_gather`` (streams are
+  no-ops, untested); the distributed optimizer; fp16/bf16 params
+  (``Float16OptimizerWithFloat16Params`` checks ``param.type() == 'torch.cuda.*Tensor'`` and
+  rejects CPU params); ``utils.py:check_param_hashes_across_dp_replicas`` and the optimizer
+  CPU-offload reload (``.cuda()``); ``grad_scaler.py`` state loading; TE/apex kernels and fused
+  paths that need CUDA (``moe_permute_fusion``, ``gradient_accumulation_fusion``);
+  ``enable_autocast`` (``schedules.py`` uses ``torch.autocast("cuda")``).
 
 Patched upstream sites (paths relative to ``megatron/core``; checked on 0.16.1; a site that
 does not exist in the installed release is skipped and reported by :func:`patched_sites`):
@@ -64,7 +71,7 @@ does not exist in the installed release is skipped and reported by :func:`patche
   ``torch.cuda.current_device()``.
 * ``tensor_parallel/utils.py``: ``gather_split_1d_tensor`` and friends (buffer device).
 * ``tensor_parallel/data.py``: ``broadcast_data`` / ``_build_key_size_numel_dictionaries``:
-  ``device='cuda'`` (``.cuda()`` on the data dict is NOT covered; pass CPU tensors yourself).
+  ``device='cuda'`` size buffers, ``device=torch.cuda.current_device()`` flat buffer.
 * ``transformer/attention.py``: inference KV-cache buffers on ``torch.cuda.current_device()``.
 * ``transformer/dot_product_attention.py``: ``DotProductAttention.__init__`` ``device=current_device``
   (softmax offset), dropout under ``get_cuda_rng_tracker().fork()``.
@@ -123,8 +130,26 @@ Function / method replacements:
   -> runs with ``Tensor.cuda`` as identity for the duration of the call (upstream calls
   ``weight.data.cuda()`` before the first/last-stage embedding all-reduce with tied embeddings
   and PP>1; on a CPU-only build ``Tensor.cuda`` can only raise).
+* ``tensor_parallel/data.py:broadcast_data`` (rebound wherever imported) -> runs with
+  ``Tensor.cuda`` as identity (upstream flattens ``data[key].cuda()``).
 * ``pipeline_parallel/p2p_communication.py:P2PCommunicator.__init__`` -> raises ``ValueError``
   when ``config.batch_p2p_comm`` is True and the pipeline group has >1 rank (see above).
+* Every function decorated with ``megatron.core.jit.jit_fuser`` (``torch.compile``) in an
+  imported ``megatron.core`` module, module-level or class attribute, is replaced by its eager
+  original, and ``megatron.core.jit.disable_jit_fuser()`` is called so modules imported later
+  get the no-op decorator. Reason: on CPU, inductor compiles each of them on first call
+  (~30 s per process for the tiny test models, results identical). On 0.16.1 this covers
+  ``activations.{fast_gelu,quick_gelu,squared_relu}``, ``fusions.fused_bias_dropout.*``,
+  ``fusions.fused_bias_geglu.*``, ``fusions.fused_bias_gelu.*``, ``fusions.fused_bias_swiglu.*``,
+  ``fusions.fused_cross_entropy.*``, ``fusions.fused_pad_routing_map.*``,
+  ``fusions.fused_weighted_squared_relu.*``, ``transformer.attention.Attention._apply_output_gate``,
+  ``transformer.moe.router.TopKRouter._apply_expert_bias``,
+  ``transformer.moe.token_dispatcher.MoEFlexTokenDispatcher.dispatch_preprocess``,
+  ``transformer.torch_norm.L2Norm._norm``, ``transformer.utils.{erf_gelu,gelu_impl}``; the
+  exact list is in :func:`patched_sites`.
+
+``Tensor.cuda`` identity: the swap is process-wide but only for the duration of the two wrapped
+calls; on a CPU-only torch build ``Tensor.cuda`` can only raise, so nothing else changes.
 
 The non-CPU-specific upstream defects (``te_general_gemm`` NameError, tensor split sizes to
 ``all_to_all_single``) are fixed in :mod:`megatron_dots.compat.runtime_patches`, which the CPU
@@ -527,14 +552,14 @@ def _tensor_cuda_is_identity():
         torch.Tensor.cuda = original
 
 
-def _make_setup_embeddings(original: Callable) -> Callable:
+def _with_tensor_cuda_identity(original: Callable) -> Callable:
     @functools.wraps(original)
-    def setup_embeddings_and_output_layer(self, *args, **kwargs):
+    def wrapper(*args, **kwargs):
         with _tensor_cuda_is_identity():
-            return original(self, *args, **kwargs)
+            return original(*args, **kwargs)
 
-    setup_embeddings_and_output_layer.__wrapped_original__ = original
-    return setup_embeddings_and_output_layer
+    wrapper.__wrapped_original__ = original
+    return wrapper
 
 
 BATCH_P2P_MESSAGE = (
@@ -660,7 +685,7 @@ def enable_cpu_backend() -> bool:
         lm_mod = _import("models.common.language_module.language_module")
         lm_cls = getattr(lm_mod, "LanguageModule", None)
         if lm_cls is not None and hasattr(lm_cls, "setup_embeddings_and_output_layer"):
-            lm_cls.setup_embeddings_and_output_layer = _make_setup_embeddings(
+            lm_cls.setup_embeddings_and_output_layer = _with_tensor_cuda_identity(
                 lm_cls.setup_embeddings_and_output_layer
             )
             _SITES.append(
@@ -673,6 +698,19 @@ def enable_cpu_backend() -> bool:
             )
         else:
             _SKIPPED.append(("LanguageModule.setup_embeddings_and_output_layer", "absent"))
+
+        data_mod = _import("tensor_parallel.data")
+        original_broadcast = getattr(data_mod, "broadcast_data", None)
+        if original_broadcast is not None:
+            _rebind_function(
+                data_mod,
+                "broadcast_data",
+                _with_tensor_cuda_identity(original_broadcast),
+                "megatron/core/tensor_parallel/data.py:broadcast_data",
+                "Tensor.cuda is identity during the call (upstream flattens data[key].cuda())",
+            )
+        else:
+            _SKIPPED.append(("tensor_parallel/data.py:broadcast_data", "absent"))
 
         p2p_mod = _import("pipeline_parallel.p2p_communication")
         p2p_cls = getattr(p2p_mod, "P2PCommunicator", None)

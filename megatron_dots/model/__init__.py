@@ -1,12 +1,12 @@
 """Dots model components for Megatron-Core: specs, router, MoE block, norm, builder."""
 
-from .builder import build_dots_model
+from .builder import build_dots_model, build_dots_model_chunks
 from .moe import DotsMoELayer
 from .norm import DotsRMSNorm
 from .router import DotsRouter
 from .specs import EXPERT_BACKENDS, get_dots_decoder_block_spec, get_dots_layer_spec
 
 __all__ = [
-    "build_dots_model", "DotsMoELayer", "DotsRMSNorm", "DotsRouter", "EXPERT_BACKENDS",
+    "build_dots_model", "build_dots_model_chunks", "DotsMoELayer", "DotsRMSNorm", "DotsRouter", "EXPERT_BACKENDS",
     "get_dots_decoder_block_spec", "get_dots_layer_spec",
 ]

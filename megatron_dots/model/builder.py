@@ -1,7 +1,8 @@
-"""`build_dots_model`: a Megatron-Core `GPTModel` (one pipeline stage / virtual stage) of dots."""
+"""Building dots `GPTModel`s: one (virtual) pipeline stage, or every chunk this rank holds."""
 
-from typing import Optional
+from typing import List, Optional
 
+from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from ..config import DotsConfig
@@ -45,3 +46,29 @@ def build_dots_model(
         vp_stage=vp_stage,
         **kwargs,
     )
+
+
+def build_dots_model_chunks(dots_config: DotsConfig, config, *, backend: str = "auto") -> List[GPTModel]:
+    """The model chunks of this rank: one per virtual pipeline stage (one without VPP).
+
+    Needs Megatron-Core's parallel state initialised with the same PP / VPP sizes as `config`.
+    """
+    vpp = config.virtual_pipeline_model_parallel_size
+    stages = [None] if vpp is None else list(range(vpp))
+    chunks = []
+    for vp_stage in stages:
+        chunks.append(
+            build_dots_model(
+                dots_config,
+                config,
+                backend=backend,
+                pre_process=parallel_state.is_pipeline_first_stage(
+                    ignore_virtual=False, vp_stage=vp_stage
+                ),
+                post_process=parallel_state.is_pipeline_last_stage(
+                    ignore_virtual=False, vp_stage=vp_stage
+                ),
+                vp_stage=vp_stage,
+            )
+        )
+    return chunks

@@ -39,6 +39,7 @@ LAYOUTS = {
     "pp2": (1, 2, 1, None, False, False),
     "pp2vpp2": (1, 2, 1, 2, False, False),
     "pp2_batchp2p": (1, 2, 1, None, False, True),
+    "pp2vpp2_batchp2p": (1, 2, 1, 2, False, True),
 }
 
 NUM_LAYERS = 4
@@ -105,17 +106,71 @@ def make_config(tp, pp, ep, vpp, sp, batch_p2p):
     )
 
 
+class SPRMSNorm(torch.nn.Module):
+    """RMSNorm usable with sequence parallelism.
+
+    The local spec's torch norm (``megatron/core/transformer/torch_norm.py:WrappedTorchNorm``)
+    asserts ``not config.sequence_parallel`` (it does not tag its weight ``sequence_parallel``,
+    so ``finalize_model_grads`` would not sum its TP-partial grads). This one tags it.
+    """
+
+    def __init__(self, config, hidden_size, eps=1e-5, **kwargs):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x):
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def _replace_norms(obj, seen=None):
+    """Swap WrappedTorchNorm for SPRMSNorm in a (copied) ModuleSpec tree."""
+    import dataclasses
+
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    if isinstance(obj, ModuleSpec):
+        if obj.module is WrappedTorchNorm:
+            obj.module = SPRMSNorm
+        _replace_norms(obj.submodules)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if value is WrappedTorchNorm:
+                setattr(obj, f.name, SPRMSNorm)
+            else:
+                _replace_norms(value)
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            _replace_norms(item)
+
+
 def build_model(config, vpp):
+    import copy
+
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    spec = get_gpt_layer_local_spec(
-        num_experts=EXPERTS, moe_grouped_gemm=False, qk_layernorm=True, normalization="RMSNorm"
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
     )
+
+    layer_spec = copy.deepcopy(
+        get_gpt_layer_local_spec(
+            num_experts=EXPERTS, moe_grouped_gemm=False, qk_layernorm=True, normalization="RMSNorm"
+        )
+    )
+    _replace_norms(layer_spec)
     chunks = []
     for vp_stage in range(vpp or 1):
         vp = vp_stage if vpp else None
+        spec = TransformerBlockSubmodules(
+            layer_specs=[layer_spec] * get_num_layers_to_build(config, vp_stage=vp),
+            layer_norm=SPRMSNorm,
+        )
         chunks.append(
             GPTModel(
                 config=config,
@@ -151,6 +206,9 @@ def shard_state_dict(chunk, full_sd, config):
     num_local_experts = EXPERTS // ps.get_expert_model_parallel_world_size()
     out = {}
     for key, local in chunk.state_dict().items():
+        if key.endswith("_extra_state"):
+            out[key] = local  # None for local (non-TE) layers
+            continue
         gkey = key
         m = _LAYER_RE.match(key)
         if m:
@@ -191,7 +249,13 @@ def batches(iteration):
 
 
 def forward_step(data_iterator, model):
+    from megatron.core.tensor_parallel import broadcast_data
+
     idx, tokens, labels = next(data_iterator)
+    # exercise tensor_parallel.data.broadcast_data (upstream calls .cuda() on the inputs)
+    data = broadcast_data(["tokens", "labels"], {"tokens": tokens, "labels": labels}, torch.int64)
+    assert torch.equal(data["tokens"], tokens) and data["tokens"].device.type == "cpu"
+    tokens, labels = data["tokens"], data["labels"]
     position_ids = torch.arange(SEQ).unsqueeze(0)
     output = model(input_ids=tokens, position_ids=position_ids, attention_mask=None, labels=labels)
 
@@ -208,12 +272,22 @@ def main():
     parser.add_argument("--ref-dir", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--iters", type=int, default=2)
+    parser.add_argument(
+        "--no-batch-p2p-guard",
+        action="store_true",
+        help="remove the CPU backend's batch_p2p_comm refusal (to show the corruption)",
+    )
     args = parser.parse_args()
 
     t0 = time.time()
     apply_runtime_patches()
     assert enable_cpu_backend() and cpu_backend_active()
     init_distributed()
+    if args.no_batch_p2p_guard:
+        from megatron.core.pipeline_parallel import p2p_communication
+
+        cls = p2p_communication.P2PCommunicator
+        cls.__init__ = getattr(cls.__init__, "__wrapped_original__", cls.__init__)
     rank = torch.distributed.get_rank()
     world = torch.distributed.get_world_size()
 

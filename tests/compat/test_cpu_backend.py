@@ -1,0 +1,159 @@
+"""CPU backend (megatron_dots/compat/cpu_backend.py): scope, registry, RNG, RoPE, causal mask."""
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+from _compat_launch import describe, python_snippet
+from megatron_dots.compat import cpu_backend
+from megatron_dots.compat.cpu_backend import (
+    PROXIED_MODULES,
+    cpu_backend_active,
+    enable_cpu_backend,
+    patched_sites,
+)
+from megatron_dots.compat.distributed import default_device
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU backend tests (no CUDA)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _backend():
+    assert enable_cpu_backend() is True
+    assert cpu_backend_active()
+
+
+def test_idempotent():
+    before = patched_sites()
+    assert enable_cpu_backend() is True
+    assert patched_sites() == before
+    sites = [s for s, _ in before]
+    assert len(sites) == len(set(sites))
+
+
+def test_registry_printable_and_in_docstring():
+    doc = cpu_backend.__doc__
+    print("\n".join(f"{site}: {what}" for site, what in patched_sites(include_skipped=True)))
+    for site, what in patched_sites():
+        assert what
+        if site.startswith("megatron/core/"):
+            path = site[len("megatron/core/"):].split(":")[0].split(" ")[0]
+            assert path in doc, f"{path} missing from cpu_backend docstring"
+            if ":" in site and "module global" not in site:
+                func = site.split(":", 1)[1].split(" ")[0]
+                assert func in doc, f"{func} missing from cpu_backend docstring"
+        else:  # jit_fuser entries are dotted qualified names
+            assert site.startswith("megatron.core.") and "jit_fuser" in what
+    for name, _ in PROXIED_MODULES:
+        assert name.replace(".", "/") + ".py" in doc
+
+
+def test_proxy_is_scoped_to_megatron_modules():
+    from megatron.core.tensor_parallel import layers
+
+    assert isinstance(layers.torch, cpu_backend._TorchProxy)
+    assert layers.torch.cuda.current_device() == torch.device("cpu")
+    assert layers.torch.zeros(2, device="cuda").device.type == "cpu"
+    assert layers.torch.Tensor is torch.Tensor and layers.torch.nn is torch.nn
+    # the real torch.cuda is untouched
+    assert torch.cuda.current_device is not layers.torch.cuda.current_device
+    with pytest.raises((AssertionError, RuntimeError)):
+        torch.cuda.current_device()
+    with pytest.raises((AssertionError, RuntimeError)):
+        torch.zeros(1, device="cuda")
+
+
+def test_no_effect_when_cuda_available():
+    """On a CUDA machine enable_cpu_backend() is a no-op (simulated in a fresh interpreter)."""
+    code = textwrap.dedent(
+        """
+        import json, torch
+        torch.cuda.is_available = lambda: True   # pretend to be a GPU machine
+        from megatron_dots.compat import cpu_backend
+        r = cpu_backend.enable_cpu_backend()
+        from megatron.core.tensor_parallel import layers, random
+        print("RESULT" + json.dumps({
+            "ret": r, "active": cpu_backend.cpu_backend_active(),
+            "sites": len(cpu_backend.patched_sites()),
+            "layers_torch_is_torch": layers.torch is torch,
+            "rng_fn_upstream": random._get_cuda_rng_state.__module__ == random.__name__,
+        }))
+        """
+    )
+    proc = python_snippet(code)
+    assert proc.returncode == 0, describe(proc)
+    res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1][6:])
+    assert res == {
+        "ret": False,
+        "active": False,
+        "sites": 0,
+        "layers_torch_is_torch": True,
+        "rng_fn_upstream": True,
+    }
+
+
+def test_without_backend_megatron_needs_cuda():
+    """Sanity: the sites really are broken on CPU without the backend."""
+    code = textwrap.dedent(
+        """
+        from megatron.core.transformer.utils import get_default_causal_mask
+        try:
+            get_default_causal_mask(4)
+            print("RESULT ok")
+        except (AssertionError, RuntimeError) as exc:
+            print("RESULT failed:", exc)
+        """
+    )
+    proc = python_snippet(code)
+    assert proc.returncode == 0, describe(proc)
+    assert "RESULT failed" in proc.stdout and "CUDA" in proc.stdout
+
+
+def test_rng_tracker_on_cpu():
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker, model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(123, tp_rank=0, ep_rank=0, etp_rank=0, force_reset_rng=True)
+    tracker = get_cuda_rng_tracker()
+    assert set(tracker.get_states()) >= {"model-parallel-rng", "expert-parallel-rng"}
+
+    state = torch.get_rng_state()
+    a = torch.rand(4)
+    with tracker.fork():
+        b = torch.rand(4)
+    c = torch.rand(4)
+    torch.set_rng_state(state)
+    a2, c2 = torch.rand(4), torch.rand(4)
+    assert torch.equal(a, a2) and torch.equal(c, c2)  # default stream restored after fork
+    with tracker.fork():
+        b2 = torch.rand(4)
+    assert not torch.equal(b, b2)  # tracker state advanced
+    assert not torch.equal(b, a)
+
+    # the tensor-parallel stream depends on the TP rank, the default one does not
+    model_parallel_cuda_manual_seed(123, tp_rank=1, ep_rank=0, etp_rank=0, force_reset_rng=True)
+    torch.manual_seed(0)
+    with get_cuda_rng_tracker().fork():
+        b_tp1 = torch.rand(4)
+    model_parallel_cuda_manual_seed(123, tp_rank=0, ep_rank=0, etp_rank=0, force_reset_rng=True)
+    with get_cuda_rng_tracker().fork():
+        b_tp0 = torch.rand(4)
+    assert not torch.equal(b_tp0, b_tp1)
+
+
+def test_default_causal_mask_and_rope():
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.transformer.utils import get_default_causal_mask
+
+    mask = get_default_causal_mask(4)
+    assert mask.device.type == "cpu"
+    assert torch.equal(mask, torch.triu(torch.ones(4, 4, dtype=torch.bool), diagonal=1))
+
+    rope = RotaryEmbedding(kv_channels=16, rotary_percent=1.0, use_cpu_initialization=False)
+    emb = rope(8)
+    assert emb.device.type == "cpu" and emb.shape == (8, 1, 1, 16)
+
+
+def test_default_device():
+    assert default_device() == torch.device("cpu")

@@ -1,0 +1,211 @@
+"""Train a tiny dots model for a few iterations under one parallel layout (torchrun worker).
+
+Each iteration: Megatron-Core's forward_backward_func (1F1B / interleaved 1F1B under PP) over
+the global batch's micro-batches, DDP gradient reduction and finalize_model_grads (which also
+updates the router bias), then a Megatron-Core optimizer step. Every rank records, per
+iteration, the loss, its gradient shards (full-model keys) and the router biases.
+
+Without --reference (run it as one process) the records are the single-process reference and
+rank 0 writes them to --out. With --reference, each rank cuts its shards out of the reference's
+full tensors and compares; rank 0 writes a JSON summary of the worst differences to --out, and
+the process exits 1 if anything is off.
+"""
+
+import argparse
+import json
+import os
+import sys
+from functools import partial
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import megatron_dots  # noqa: E402  (compat patches first)
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.distributed import (  # noqa: E402
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed  # noqa: E402
+
+from megatron_dots.compat.distributed import init_distributed  # noqa: E402
+from megatron_dots.convert.sharding import (  # noqa: E402
+    load_full_state_dict,
+    local_grads,
+    local_tensors,
+    shard,
+)
+from megatron_dots.model import build_dots_model_chunks  # noqa: E402
+from reference import make_hf_model, mcore_full_state, tiny_config  # noqa: E402
+
+GLOBAL_MICRO_BATCHES = 4
+MICRO_BATCH_SIZE = 2
+SEQ_LENGTH = 16
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--vpp", type=int, default=None)
+    parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--etp", type=int, default=None, help="expert TP (default: = TP)")
+    parser.add_argument("--sp", action="store_true")
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--reference", default=None)
+    parser.add_argument("--out", required=True)
+    return parser.parse_args()
+
+
+def dots_config():
+    # 4 layers (1 dense + 3 MoE) split as PP=2 x VPP=2; a strong aux loss and bias rate so
+    # both visibly act within a few iterations.
+    return tiny_config(num_layers=4, seq_aux_loss_coeff=1e-2, bias_update_rate=1e-2)
+
+
+def global_batch(iteration, vocab):
+    gen = torch.Generator().manual_seed(1000 + iteration)
+    return torch.randint(0, vocab, (GLOBAL_MICRO_BATCHES, MICRO_BATCH_SIZE, SEQ_LENGTH + 1),
+                         generator=gen)
+
+
+def loss_func(output_tensor):
+    loss = output_tensor.float().mean()
+    # clone: the schedule divides `loss` in place by the number of micro-batches
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def forward_step(data_iterator, model):
+    tokens = next(data_iterator)
+    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    positions = torch.arange(SEQ_LENGTH).expand_as(inputs)
+    return model(inputs, positions, None, labels=labels), loss_func
+
+
+def main():
+    args = parse_args()
+    init_distributed()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=args.tp,
+        pipeline_model_parallel_size=args.pp,
+        virtual_pipeline_model_parallel_size=args.vpp,
+        expert_model_parallel_size=args.ep,
+        expert_tensor_parallel_size=args.etp,
+    )
+    model_parallel_cuda_manual_seed(123)
+    cfg = dots_config()
+    tc = cfg.to_transformer_config(
+        tensor_model_parallel_size=args.tp,
+        pipeline_model_parallel_size=args.pp,
+        virtual_pipeline_model_parallel_size=args.vpp,
+        expert_model_parallel_size=args.ep,
+        expert_tensor_parallel_size=args.etp,
+        sequence_parallel=args.sp,
+        pipeline_dtype=torch.float32,
+        params_dtype=torch.float32,
+        batch_p2p_comm=False,
+    )
+    chunks = build_dots_model_chunks(cfg, tc, backend="sequential")
+    full = mcore_full_state(make_hf_model(cfg, seed=31, bias_scale=0.05), cfg, tp=args.tp)
+    for chunk in chunks:
+        load_full_state_dict(chunk, full)
+
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
+    chunks = [
+        DistributedDataParallel(tc, ddp_config, chunk, disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+    tc.finalize_model_grads_func = finalize_model_grads
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="sgd", lr=0.5, sgd_momentum=0.0, weight_decay=0.0,
+                        clip_grad=0.0, params_dtype=torch.float32),
+        chunks,
+    )
+
+    dp_size = parallel_state.get_data_parallel_world_size()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    micro_batches = GLOBAL_MICRO_BATCHES // dp_size
+    forward_backward = get_forward_backward_func()
+    records = []
+    for iteration in range(args.iters):
+        batch = global_batch(iteration, cfg.vocab_size)
+        mine = batch[dp_rank * micro_batches: (dp_rank + 1) * micro_batches]
+        iterators = [iter(list(mine)) for _ in chunks]
+        for chunk in chunks:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses = forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(chunks) > 1 else iterators[0],
+            model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=micro_batches,
+            seq_length=SEQ_LENGTH,
+            micro_batch_size=MICRO_BATCH_SIZE,
+            forward_only=False,
+        )
+        grads, biases = {}, {}
+        for chunk in chunks:
+            grads.update(local_grads(chunk))
+            biases.update({key: t.detach().clone() for _, key, t in local_tensors(chunk.module)
+                           if key.endswith("router.expert_bias")})
+        optimizer.step()
+        records.append({"loss": global_mean_loss(losses), "grads": grads, "bias": biases})
+
+    if args.reference is None:
+        if torch.distributed.get_rank() == 0:
+            torch.save(records, args.out)
+        return 0
+    return compare(records, torch.load(args.reference), chunks, args.out)
+
+
+def global_mean_loss(losses):
+    """Mean loss over the global batch, known on every rank."""
+    value = torch.zeros(2, dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        for item in losses:
+            value += torch.tensor([item["lm loss"].item(), 1.0], dtype=torch.float64)
+    torch.distributed.all_reduce(value)  # last stages of every DP (and TP) replica
+    return (value[0] / value[1]).item()
+
+
+def compare(records, reference, chunks, out):
+    params = {}
+    for chunk in chunks:
+        params.update({key: t for _, key, t in local_tensors(chunk.module)})
+    worst = {"loss": 0.0, "grad": 0.0, "bias": 0.0}
+    failures = []
+    for it, (mine, ref) in enumerate(zip(records, reference)):
+        worst["loss"] = max(worst["loss"], abs(mine["loss"] - ref["loss"]))
+        if abs(mine["loss"] - ref["loss"]) > 1e-5 * max(1.0, abs(ref["loss"])):
+            failures.append(f"iteration {it}: loss {mine['loss']} != reference {ref['loss']}")
+        for kind, tol in (("grads", (1e-4, 1e-6)), ("bias", (0.0, 1e-7))):
+            for key, value in mine[kind].items():
+                expected = shard(ref[kind][key], params[key], key)
+                diff = (value - expected).abs().max().item()
+                worst["grad" if kind == "grads" else "bias"] = max(
+                    worst["grad" if kind == "grads" else "bias"], diff)
+                if not torch.allclose(value, expected, rtol=tol[0], atol=tol[1]):
+                    failures.append(f"iteration {it}: {kind} of {key} differ by {diff:.3g}")
+    checked = torch.tensor([len(records[0]["grads"])])
+    torch.distributed.all_reduce(checked)
+    failed = torch.tensor([len(failures)])
+    torch.distributed.all_reduce(failed)
+    for line in failures[:20]:
+        print(f"[rank {torch.distributed.get_rank()}] {line}", file=sys.stderr)
+    if torch.distributed.get_rank() == 0:
+        with open(out, "w") as handle:
+            json.dump({"worst": worst, "failures": int(failed), "grad_tensors_checked": int(checked),
+                       "losses": [r["loss"] for r in records]}, handle)
+    return 1 if int(failed) else 0
+
+
+if __name__ == "__main__":
+    code = main()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    sys.exit(code)
