@@ -34,10 +34,11 @@ Scope and safety
   and ``get_cuda_rng_tracker().fork()`` swaps CPU generator states.
 * Pipeline parallelism: use ``ModelParallelConfig(batch_p2p_comm=False)`` on CPU (the default is
   True). With gloo and PP=2, ``batch_p2p_comm=True`` (``torch.distributed.batch_isend_irecv``)
-  silently corrupts received activations/gradients: with the interleaved schedule (VPP=2) a rank
-  sends to and receives from the same peer in both directions inside one batch, gloo matches
-  the messages in posting order, and the previous-stage tensor lands in the next-stage buffer
-  (losses off by ~1e-2, no error; plain PP=2 1F1B happened to be correct in our tests). The
+  silently corrupts received tensors: with the interleaved schedule (VPP=2) the losses come
+  out wrong by ~1e-2 with no error (plain PP=2 1F1B happened to be correct in our tests). Likely
+  cause: with PP=2 the previous and next stage are the same peer, one batch holds sends and
+  receives in both directions, and gloo pairs same-peer messages in posting order, so the
+  activation and the gradient (same shape) land in each other's buffers. The
   backend therefore raises at ``P2PCommunicator`` construction when ``batch_p2p_comm=True`` and
   the pipeline group has more than one rank.
 * Not covered / untested: context parallelism
@@ -53,69 +54,73 @@ Scope and safety
 Patched upstream sites (paths relative to ``megatron/core``; checked on 0.16.1; a site that
 does not exist in the installed release is skipped and reported by :func:`patched_sites`):
 
-``torch`` -> :class:`_TorchProxy` in these modules (what each one needs from it):
+``torch`` -> :class:`_TorchProxy` in these modules (the CUDA uses each one has on 0.16.1):
 
-* ``parallel_state.py``: ``torch.cuda.synchronize()`` / ``current_device()`` in
-  ``update_pg_timeout`` and SHARP set-up barriers.
+* ``parallel_state.py``: ``update_pg_timeout`` (``torch.cuda.synchronize``),
+  ``initialize_model_parallel`` SHARP barriers (``device_ids=[torch.cuda.current_device()]``).
 * ``utils.py``: ``GlobalMemoryBuffer.get_tensor`` (``device=torch.cuda.current_device()``; used
-  by ``DotProductAttention.forward`` and the SP all-gather), ``nvtx_range_push/pop``,
-  ``check_param_hashes_across_dp_replicas`` (``device="cuda"``).
-* ``tensor_parallel/random.py``: ``CudaRNGStatesTracker.add``/``fork`` and
-  ``model_parallel_cuda_manual_seed`` call ``torch.cuda.get_rng_state/manual_seed``.
-* ``tensor_parallel/layers.py``: ``_initialize_affine_weight_gpu``, ``VocabParallelEmbedding``,
-  ``LinearWithGradAccumulationAndAsyncCommunication`` (SP all-gather buffer, ``main_grad``
-  buffers), ``ColumnParallelLinear``/``RowParallelLinear`` GPU weight allocation:
-  ``device=torch.cuda.current_device()``.
-* ``tensor_parallel/mappings.py``: ``_gather_along_first_dim``, ``_reduce_scatter_along_first_dim``,
-  ``_gather_along_last_dim``, ``_AllToAll.forward``: output buffers on
+  by ``DotProductAttention.forward`` and the SP all-gather), ``nvtx_range_push/pop``
+  (``torch.cuda.nvtx``), ``StragglerDetector`` (``torch.cuda.Event``), THD helpers
+  (``device="cuda"``).
+* ``tensor_parallel/random.py``: ``CudaRNGStatesTracker.add`` (``torch.cuda.get_rng_state`` /
+  ``manual_seed``), ``model_parallel_cuda_manual_seed`` (``torch.cuda.manual_seed``),
+  ``_get_cuda_rng_state`` (``torch.cuda.random.get_rng_state``).
+* ``tensor_parallel/layers.py``: ``VocabParallelEmbedding.__init__``,
+  ``ColumnParallelLinear.__init__``, ``RowParallelLinear.__init__`` (weights on
+  ``current_device`` when ``use_cpu_initialization=False``),
+  ``LinearWithGradAccumulationAndAsyncCommunication.forward/backward`` (SP all-gather buffer
+  and ``main_grad`` buffers on ``current_device``).
+* ``tensor_parallel/mappings.py``: ``_gather_along_last_dim``, ``_gather_along_first_dim``,
+  ``_reduce_scatter_along_first_dim``, ``_AllToAll.forward``: output buffers on
   ``torch.cuda.current_device()``.
-* ``tensor_parallel/utils.py``: ``gather_split_1d_tensor`` and friends (buffer device).
-* ``tensor_parallel/data.py``: ``broadcast_data`` / ``_build_key_size_numel_dictionaries``:
-  ``device='cuda'`` size buffers, ``device=torch.cuda.current_device()`` flat buffer.
-* ``transformer/attention.py``: inference KV-cache buffers on ``torch.cuda.current_device()``.
-* ``transformer/dot_product_attention.py``: ``DotProductAttention.__init__`` ``device=current_device``
-  (softmax offset), dropout under ``get_cuda_rng_tracker().fork()``.
-* ``transformer/module.py``: ``MegatronModule`` helper buffers on ``current_device``.
-* ``transformer/transformer_layer.py``: ``.to(torch.cuda.current_device())`` /
-  ``device=torch.cuda.current_device()`` (layer-number/offset tensors).
-* ``transformer/transformer_block.py``, ``transformer/mlp.py``: ``torch.cuda.empty_cache`` /
-  ``OutOfMemoryError`` on the checkpoint / sharded-state paths.
-* ``transformer/utils.py``: ``get_default_causal_mask`` / ``get_sliding_window_causal_mask``:
-  ``torch.ones(..., device="cuda")`` (the default causal mask).
-* ``transformer/moe/router.py``: ``Router.gating`` moves weight/bias to
-  ``torch.cuda.current_device()``; ``TopKRouter.__init__`` registers ``local_tokens_per_expert``,
-  ``expert_bias``, ``global_tokens_per_expert``, ``ga_steps`` on ``current_device``.
-* ``transformer/moe/token_dispatcher.py``: ``MoEAlltoAllTokenDispatcher.__init__`` creates
-  ``torch.cuda.Stream()`` (class attribute ``cuda_dtoh_stream``);
-  ``_maybe_dtoh_and_synchronize`` uses ``current_stream()/stream()/record_event()/synchronize``.
-* ``transformer/moe/moe_utils.py``: ``save_to_aux_losses_tracker``
-  (``torch.zeros(..., device="cuda")``), ``maybe_move_tensor_to_cpu`` (``current_stream``).
-* ``transformer/moe/experts.py``: expert weight allocation on ``current_device``.
-* ``transformer/moe/shared_experts.py``: ``SharedExpertMLP`` overlap stream (no-op stream).
-* ``transformer/moe/moe_layer.py``: (same proxy; recompute/rng paths).
-* ``models/gpt/gpt_model.py``: ``GPTModel`` MTP / helper tensors on ``current_device``.
+* ``tensor_parallel/utils.py``: ``split_tensor_into_1d_equal_chunks``,
+  ``gather_split_1d_tensor``: buffers on ``current_device``.
+* ``tensor_parallel/data.py``: ``_build_key_size_numel_dictionaries`` (``device='cuda'``),
+  ``broadcast_data`` (flat buffer on ``current_device``).
+* ``transformer/attention.py``: ``Attention._allocate_memory`` (inference KV cache).
+* ``transformer/dot_product_attention.py``: ``DotProductAttention.__init__`` (``softmax_offset``
+  for ``softmax_type`` off-by-one / learnable).
+* ``transformer/module.py``: ``GraphableMegatronModule.get_layer_static_inputs``.
+* ``transformer/transformer_layer.py``: ``TransformerLayer.get_layer_static_inputs`` and the
+  zero attention mask helper (``current_device``).
+* ``transformer/mlp.py``: ``MLP.sharded_state_dict`` merge fn (``torch.cuda.OutOfMemoryError``,
+  ``empty_cache``).
+* ``transformer/utils.py``: ``get_default_causal_mask`` / ``get_sliding_window_causal_mask``
+  (``torch.ones(..., device="cuda")``; the default causal mask used when ``attention_mask`` is
+  None).
+* ``transformer/moe/router.py``: ``Router.gating`` (moves weight/bias to
+  ``torch.cuda.current_device()``), ``TopKRouter.__init__`` (``local_tokens_per_expert``,
+  ``expert_bias``, ``global_tokens_per_expert``, ``ga_steps`` buffers on ``current_device``).
+* ``transformer/moe/token_dispatcher.py``: ``MoEAlltoAllTokenDispatcher.__init__``
+  (``torch.cuda.Stream()`` for the class attribute ``cuda_dtoh_stream``),
+  ``_maybe_dtoh_and_synchronize`` (``current_stream/stream()/record_event/synchronize``).
+* ``transformer/moe/moe_utils.py``: ``save_to_aux_losses_tracker`` (``device="cuda"``),
+  ``maybe_move_tensor_to_cpu`` (``current_stream``).
+* ``transformer/moe/experts.py``: ``GroupedMLP.__init__`` (weights on ``current_device``).
+* ``transformer/moe/shared_experts.py``: ``SharedExpertMLP`` overlap stream
+  (``torch.cuda.Stream``, ``stream()``, ``current_stream().wait_stream``).
+* ``models/gpt/gpt_model.py``: ``GPTModel._preprocess`` (inference ``sequence_len_offset``).
 * ``models/common/embeddings/rotary_pos_embedding.py``: ``RotaryEmbedding.__init__`` (inv_freq
-  device when ``use_cpu_initialization=False``), ``RotaryEmbedding.forward`` / ``get_emb``
-  ``inv_freq.to(torch.cuda.current_device())``; ``MultimodalRotaryEmbedding`` arange.
-* ``models/common/embeddings/yarn_rotary_pos_embedding.py``: same for YaRN.
+  device when ``use_cpu_initialization=False``), ``RotaryEmbedding.get_emb``
+  (``inv_freq.to(torch.cuda.current_device())``), ``MultimodalRotaryEmbedding.__init__``.
+* ``models/common/embeddings/yarn_rotary_pos_embedding.py``: ``YarnRotaryEmbedding`` (same).
 * ``pipeline_parallel/p2p_communication.py``: ``P2PCommunicator._communicate`` /
-  ``_communicate_shapes`` receive buffers on ``current_device``, ``torch.cuda.synchronize``.
-* ``pipeline_parallel/schedules.py``: ``forward_backward_*``: ``total_num_tokens =
-  torch.zeros([], device="cuda")``.
-* ``distributed/distributed_data_parallel.py``: ``torch.cuda.Stream`` for overlapped grad
-  reduce, ``synchronize``/``empty_cache`` in ``free/allocate`` helpers.
-* ``distributed/param_and_grad_buffer.py``: ``_ParamAndGradBuffer.__init__`` param/grad
-  buffers on ``current_device`` (the DDP grad buffers); bucket communication stream
-  context / ``default_stream().wait_stream``.
-* ``distributed/finalize_model_grads.py``: (same proxy; tensor helpers).
-* ``optimizer/optimizer.py``: ``MixedPrecisionOptimizer.__init__`` / ``FP32Optimizer.__init__``
-  ``torch.tensor(..., device='cuda')`` (``found_inf``, ``_scale``, ``_dummy_overflow_buf``),
-  ``get_loss_scale``.
-* ``optimizer/clip_grads.py``: ``get_grad_norm_fp32``, ``count_zeros_fp32``:
-  ``device='cuda'`` buffers.
-* ``optimizer/grad_scaler.py``: loss-scale tensors on ``'cuda'``.
-* ``rerun_state_machine.py``: ``RerunStateMachine`` ``device='cuda'`` reductions and
-  ``torch.cuda.get_rng_state`` in its state save/restore.
+  ``_communicate_shapes`` (receive buffers on ``current_device``, ``torch.cuda.synchronize``).
+* ``pipeline_parallel/schedules.py``: ``forward_backward_no_pipelining`` and the two pipelined
+  schedules (``total_num_tokens = torch.zeros([], device="cuda")``).
+* ``distributed/distributed_data_parallel.py``: ``DistributedDataParallel.__init__``
+  (``torch.cuda.Stream`` for overlapped grad reduce), ``free/allocate`` buffer helpers
+  (``synchronize``/``empty_cache``).
+* ``distributed/param_and_grad_buffer.py``: ``_ParamAndGradBuffer.__init__`` (param / grad
+  buffers on ``current_device``: the DDP grad buffers), ``_ParamAndGradBucketGroup``
+  communication stream context and ``default_stream().wait_stream``.
+* ``optimizer/optimizer.py``: ``MixedPrecisionOptimizer.__init__`` and
+  ``FP32Optimizer.__init__`` (``torch.tensor(..., device='cuda')``: ``found_inf``, ``_scale``,
+  ``_dummy_overflow_buf``), ``ChainedOptimizer.get_loss_scale``.
+* ``optimizer/clip_grads.py``: ``get_grad_norm_fp32``, ``count_zeros_fp32`` (``device='cuda'``).
+* ``optimizer/grad_scaler.py``: ``ConstantGradScaler`` / ``DynamicGradScaler`` scale tensors.
+* ``rerun_state_machine.py``: ``RerunStateMachine._reduce_any`` (``device='cuda'``),
+  ``_save_state/_restore_state`` (``torch.cuda.get/set_rng_state``), ``current_device`` uses.
 
 Function / method replacements:
 
@@ -427,17 +432,15 @@ PROXIED_MODULES: Tuple[Tuple[str, str], ...] = (
     ("tensor_parallel.data", "broadcast_data size buffers device='cuda'"),
     ("transformer.attention", "inference KV-cache buffers on current_device"),
     ("transformer.dot_product_attention", "softmax-offset buffers on current_device"),
-    ("transformer.module", "MegatronModule buffers on current_device"),
+    ("transformer.module", "GraphableMegatronModule static inputs on current_device"),
     ("transformer.transformer_layer", "tensors moved to torch.cuda.current_device()"),
-    ("transformer.transformer_block", "torch.cuda.* on checkpoint paths"),
     ("transformer.mlp", "torch.cuda.empty_cache/OutOfMemoryError on sharded-state path"),
     ("transformer.utils", "get_default_causal_mask: torch.ones(..., device='cuda')"),
     ("transformer.moe.router", "TopKRouter buffers / Router.gating weight move on current_device"),
     ("transformer.moe.token_dispatcher", "MoEAlltoAllTokenDispatcher DtoH stream/event"),
     ("transformer.moe.moe_utils", "aux-loss tracker device='cuda', current_stream"),
-    ("transformer.moe.experts", "expert weights on current_device"),
+    ("transformer.moe.experts", "GroupedMLP weights on current_device"),
     ("transformer.moe.shared_experts", "SharedExpertMLP overlap stream"),
-    ("transformer.moe.moe_layer", "torch.cuda.* helpers"),
     ("models.gpt.gpt_model", "GPTModel helper tensors on current_device"),
     ("models.common.embeddings.rotary_pos_embedding", "RoPE inv_freq on current_device"),
     ("models.common.embeddings.yarn_rotary_pos_embedding", "YaRN inv_freq on current_device"),
@@ -445,7 +448,6 @@ PROXIED_MODULES: Tuple[Tuple[str, str], ...] = (
     ("pipeline_parallel.schedules", "total_num_tokens = torch.zeros(..., device='cuda')"),
     ("distributed.distributed_data_parallel", "communication stream, synchronize/empty_cache"),
     ("distributed.param_and_grad_buffer", "DDP param/grad buffers on current_device, streams"),
-    ("distributed.finalize_model_grads", "tensor helpers"),
     ("optimizer.optimizer", "found_inf/_scale/_dummy_overflow_buf device='cuda'"),
     ("optimizer.clip_grads", "grad-norm / count-zeros buffers device='cuda'"),
     ("optimizer.grad_scaler", "loss-scale tensors device='cuda'"),

@@ -92,9 +92,16 @@ def _patch_all_to_all_split_sizes() -> None:
         return
 
     @functools.wraps(original_fn)
-    def forward(ctx, group, input, output_split_sizes, input_split_sizes):
+    def forward(ctx, group, input, output_split_sizes, input_split_sizes, *args, **kwargs):
+        # *args/**kwargs: later releases add parameters (0.19: use_nccl_stream)
         return original_fn(
-            ctx, group, input, as_split_sizes(output_split_sizes), as_split_sizes(input_split_sizes)
+            ctx,
+            group,
+            input,
+            as_split_sizes(output_split_sizes),
+            as_split_sizes(input_split_sizes),
+            *args,
+            **kwargs,
         )
 
     forward.__megatron_dots_patched__ = True

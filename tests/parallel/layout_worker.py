@@ -23,13 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import megatron_dots  # noqa: E402  (compat patches first)
 from megatron.core import parallel_state  # noqa: E402
-from megatron.core.distributed import (  # noqa: E402
-    DistributedDataParallel,
-    DistributedDataParallelConfig,
-    finalize_model_grads,
-)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
-from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed  # noqa: E402
 
 from megatron_dots.compat.distributed import init_distributed  # noqa: E402
@@ -40,6 +34,7 @@ from megatron_dots.convert.sharding import (  # noqa: E402
     shard,
 )
 from megatron_dots.model import build_dots_model_chunks  # noqa: E402
+from megatron_dots.training import forward_backward, wrap_with_ddp  # noqa: E402
 from reference import make_hf_model, mcore_full_state, tiny_config  # noqa: E402
 
 GLOBAL_MICRO_BATCHES = 4
@@ -73,19 +68,6 @@ def global_batch(iteration, vocab):
                          generator=gen)
 
 
-def loss_func(output_tensor):
-    loss = output_tensor.float().mean()
-    # clone: the schedule divides `loss` in place by the number of micro-batches
-    return loss, {"lm loss": loss.detach().clone()}
-
-
-def forward_step(data_iterator, model):
-    tokens = next(data_iterator)
-    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-    positions = torch.arange(SEQ_LENGTH).expand_as(inputs)
-    return model(inputs, positions, None, labels=labels), loss_func
-
-
 def main():
     args = parse_args()
     init_distributed()
@@ -114,12 +96,7 @@ def main():
     for chunk in chunks:
         load_full_state_dict(chunk, full)
 
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
-    chunks = [
-        DistributedDataParallel(tc, ddp_config, chunk, disable_bucketing=i > 0)
-        for i, chunk in enumerate(chunks)
-    ]
-    tc.finalize_model_grads_func = finalize_model_grads
+    chunks = wrap_with_ddp(chunks, tc)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="sgd", lr=0.5, sgd_momentum=0.0, weight_decay=0.0,
                         clip_grad=0.0, params_dtype=torch.float32),
@@ -129,47 +106,25 @@ def main():
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     micro_batches = GLOBAL_MICRO_BATCHES // dp_size
-    forward_backward = get_forward_backward_func()
     records = []
     for iteration in range(args.iters):
         batch = global_batch(iteration, cfg.vocab_size)
         mine = batch[dp_rank * micro_batches: (dp_rank + 1) * micro_batches]
-        iterators = [iter(list(mine)) for _ in chunks]
-        for chunk in chunks:
-            chunk.zero_grad_buffer()
         optimizer.zero_grad()
-        losses = forward_backward(
-            forward_step_func=forward_step,
-            data_iterator=iterators if len(chunks) > 1 else iterators[0],
-            model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=micro_batches,
-            seq_length=SEQ_LENGTH,
-            micro_batch_size=MICRO_BATCH_SIZE,
-            forward_only=False,
-        )
+        loss = forward_backward(chunks, mine, SEQ_LENGTH, MICRO_BATCH_SIZE)
         grads, biases = {}, {}
         for chunk in chunks:
             grads.update(local_grads(chunk))
             biases.update({key: t.detach().clone() for _, key, t in local_tensors(chunk.module)
                            if key.endswith("router.expert_bias")})
         optimizer.step()
-        records.append({"loss": global_mean_loss(losses), "grads": grads, "bias": biases})
+        records.append({"loss": loss, "grads": grads, "bias": biases})
 
     if args.reference is None:
         if torch.distributed.get_rank() == 0:
             torch.save(records, args.out)
         return 0
     return compare(records, torch.load(args.reference), chunks, args.out)
-
-
-def global_mean_loss(losses):
-    """Mean loss over the global batch, known on every rank."""
-    value = torch.zeros(2, dtype=torch.float64)
-    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        for item in losses:
-            value += torch.tensor([item["lm loss"].item(), 1.0], dtype=torch.float64)
-    torch.distributed.all_reduce(value)  # last stages of every DP (and TP) replica
-    return (value[0] / value[1]).item()
 
 
 def compare(records, reference, chunks, out):

@@ -1,0 +1,101 @@
+"""One optimizer step of a dots model with Megatron-Core's schedules, DDP and optimizer.
+
+Batches are token tensors `[micro_batch, seq_length + 1]`: inputs are all but the last token,
+labels all but the first. `train_step` runs `forward_backward_func` (no pipelining, 1F1B or
+interleaved 1F1B, as the parallel state says), whose `finalize_model_grads` reduces gradients
+and updates the router bias, then steps the optimizer.
+"""
+
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+
+def lm_loss_func(output_tensor: torch.Tensor):
+    """Mean per-token cross entropy; the reported value is a copy (the schedule scales `loss`)."""
+    loss = output_tensor.float().mean()
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def gpt_forward_step(data_iterator, model):
+    """Megatron-Core forward step: next `[b, s+1]` token batch -> per-token losses."""
+    tokens = next(data_iterator)
+    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    positions = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
+    return model(inputs, positions, None, labels=labels), lm_loss_func
+
+
+def wrap_with_ddp(
+    chunks: Sequence[torch.nn.Module], config, ddp_config: Optional[DistributedDataParallelConfig] = None
+) -> List[DistributedDataParallel]:
+    """Megatron DDP around each chunk (bucketing only on the first, as Megatron-LM does) and
+    `finalize_model_grads` installed on the config."""
+    ddp_config = ddp_config or DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False
+    )
+    wrapped = [
+        DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+    config.finalize_model_grads_func = finalize_model_grads
+    return wrapped
+
+
+def forward_backward(
+    chunks: Sequence[DistributedDataParallel],
+    micro_batches: Iterable[torch.Tensor],
+    seq_length: int,
+    micro_batch_size: int,
+) -> float:
+    """Zero the gradients, then forward + backward over this DP rank's micro-batches; the
+    schedule ends with `finalize_model_grads` (gradient reduction, router-bias update).
+
+    Returns the mean loss over the global batch, known on every rank.
+    """
+    micro_batches = list(micro_batches)
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    iterators = [iter(micro_batches) for _ in chunks]
+    losses = get_forward_backward_func()(
+        forward_step_func=gpt_forward_step,
+        data_iterator=iterators if len(chunks) > 1 else iterators[0],
+        model=list(chunks) if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    return global_mean_loss(losses)
+
+
+def train_step(
+    chunks: Sequence[DistributedDataParallel],
+    optimizer,
+    micro_batches: Iterable[torch.Tensor],
+    seq_length: int,
+    micro_batch_size: int,
+) -> Tuple[float, Optional[float]]:
+    """`forward_backward` then an optimizer step: (global mean loss, grad norm or None)."""
+    optimizer.zero_grad()
+    loss = forward_backward(chunks, micro_batches, seq_length, micro_batch_size)
+    _, grad_norm, _ = optimizer.step()
+    return loss, grad_norm
+
+
+def global_mean_loss(losses) -> float:
+    """Mean of the micro-batch losses of the whole global batch, on every rank."""
+    total = torch.zeros(2, dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        for item in losses:
+            total += torch.tensor([item["lm loss"].item(), 1.0], dtype=torch.float64)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(total)
+    return (total[0] / total[1]).item()

@@ -1,0 +1,70 @@
+"""The `megatron-dots` console script: help, info, bad input, and the demo end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def cli(*args, timeout=600):
+    env = dict(os.environ, MEGATRON_DOTS_QUIET="1")
+    return subprocess.run([sys.executable, "-m", "megatron_dots.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def test_help_lists_commands():
+    out = cli("--help")
+    assert out.returncode == 0 and "demo" in out.stdout and "info" in out.stdout
+
+
+def test_unknown_command_is_an_error():
+    out = cli("frobnicate")
+    assert out.returncode == 2 and "frobnicate" in out.stderr
+
+
+def test_info_prints_parameter_counts():
+    out = cli("info", "dots.llm1")
+    assert out.returncode == 0
+    assert "142.8B" in out.stdout and "14.0B" in out.stdout
+
+
+def test_info_rejects_bad_config_naming_the_field(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    out = cli("info", str(tmp_path))
+    assert out.returncode == 2 and "model_type" in out.stderr and str(tmp_path) in out.stderr
+
+
+def test_demo_flags_are_validated():
+    out = cli("demo", "--steps", "0")
+    assert out.returncode == 2 and "--steps" in out.stderr
+
+
+def test_demo_trains_and_matches_transformers(tmp_path):
+    out = cli("demo", "--steps", "60", "--log-interval", "20", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["last_loss"] < summary["first_loss"] - 1.5, summary
+    assert summary["valid_loss"] < summary["uniform_loss"], summary
+    assert summary["hf_max_abs_logit_diff"] <= 1e-4
+    assert (tmp_path / "hf" / "config.json").exists()
+    assert len((tmp_path / "losses.csv").read_text().splitlines()) == 61
+
+
+def test_import_prints_one_informative_line():
+    env = {k: v for k, v in os.environ.items() if k not in ("MEGATRON_DOTS_QUIET", "RANK")}
+    out = subprocess.run([sys.executable, "-c", "import megatron_dots"], capture_output=True,
+                         text=True, timeout=300, env=env)
+    lines = (out.stdout + out.stderr).splitlines()
+    assert out.returncode == 0
+    assert len(lines) == 1 and lines[0].startswith("megatron-dots: megatron-core"), lines
+
+
+def test_ci_runs_the_readme_test_command():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md")).read()
+    blocks = [b.split("```", 1)[0].strip() for b in readme.split("```bash\n")[1:]]
+    assert blocks[:2] == ["pip install -e . && megatron-dots demo",
+                          "pip install -e '.[test]' && python -m pytest"]
+    assert blocks[1] in open(os.path.join(root, ".ci", "run")).read()
