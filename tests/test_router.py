@@ -154,3 +154,20 @@ def test_router_refuses_non_dots_config(seeded, field, value):
     setattr(cfg, field, value)
     with pytest.raises(ValueError, match=field):
         DotsRouter(cfg)
+
+
+def test_counters_and_bias_stay_fp32_under_bf16_cast(seeded):
+    """Float16Module casts the module with .bfloat16(); bf16 cannot count past 256 exactly."""
+    router = make_router(num_experts=4, topk=1).bfloat16()
+    assert router.weight.dtype == torch.bfloat16
+    for name in ("expert_bias", "local_tokens_per_expert", "expert_load"):
+        assert getattr(router, name).dtype == torch.float32, name
+    router.train()
+    with torch.no_grad():
+        router.weight.zero_()
+        router.weight[0, 0] = 1.0  # every token to expert 0
+    hidden = torch.zeros(257, 1, 32, dtype=torch.bfloat16)
+    hidden[..., 0] = 1.0
+    router(hidden)
+    router(hidden)
+    assert router.local_tokens_per_expert[0].item() == 514  # 514 is not a bf16 number
