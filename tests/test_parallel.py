@@ -7,29 +7,19 @@ whole model (tests/parallel/layout_worker.py).
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import free_port
+from launch import describe, torchrun
 
-WORKER = os.path.join(os.path.dirname(__file__), "parallel", "layout_worker.py")
-TIMEOUT = 600
+WORKER = "parallel/layout_worker.py"
 
 
-def run(args, nproc=None):
-    if nproc is None:
-        cmd = [sys.executable, WORKER, *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               f"--master-port={free_port()}", WORKER, *args]
-    env = dict(os.environ, MEGATRON_DOTS_QUIET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+def run(args, nproc=1):
+    proc = torchrun(WORKER, nproc, *args, timeout=600)
     if proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stderr[-6000:]}")
+        pytest.fail(f"{WORKER} {' '.join(args)} on {nproc} processes failed\n{describe(proc)}")
     return proc
 
 
@@ -56,6 +46,8 @@ LAYOUTS = {
     "pp2": (2, ["--pp", "2"]),
     "pp2-vpp2": (2, ["--pp", "2", "--vpp", "2"]),
     "tp2-sp-ep2": (4, ["--tp", "2", "--sp", "--ep", "2", "--etp", "1"]),
+    # expert-TP 2: expert weights split like dense TP, uneven token gathers
+    "tp2-sp-ep2-etp2": (4, ["--tp", "2", "--sp", "--ep", "2"]),
     "pp2-vpp2-ep2": (4, ["--pp", "2", "--vpp", "2", "--ep", "2"]),
 }
 

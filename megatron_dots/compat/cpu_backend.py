@@ -51,8 +51,15 @@ Scope and safety
   paths that need CUDA (``moe_permute_fusion``, ``gradient_accumulation_fusion``);
   ``enable_autocast`` (``schedules.py`` uses ``torch.autocast("cuda")``).
 
-Patched upstream sites (paths relative to ``megatron/core``; checked on 0.16.1; a site that
-does not exist in the installed release is skipped and reported by :func:`patched_sites`):
+* megatron-core 0.19 imports ``triton`` unconditionally
+  (``pipeline_parallel/schedules.py`` -> ``transformer/moe/paged_stash.py`` ->
+  ``transformer/moe/ops/paged_stash.py``), so on a CPU machine the ``triton`` package must be
+  importable (CPU torch wheels do not bring it); this backend cannot work around a failing
+  ``import megatron.core``.
+
+Patched upstream sites (paths relative to ``megatron/core``; written against 0.16.1, all sites
+also present in the ``core_v0.19.0`` source tree; a site that does not exist in the installed
+release is skipped and reported by ``patched_sites(include_skipped=True)``):
 
 ``torch`` -> :class:`_TorchProxy` in these modules (the CUDA uses each one has on 0.16.1):
 
@@ -128,6 +135,9 @@ Function / method replacements:
   state (upstream uses ``torch.cuda.default_generators`` and ``torch.cuda._lazy_call``; on a
   CPU-only build ``_lazy_call`` queues the callback forever, so states would silently never be
   restored).
+* ``tensor_parallel/mappings.py:_gather_along_first_dim`` -> with ``output_split_sizes`` of
+  unequal sizes (the alltoall dispatcher under expert-TP > 1), pads every piece to the largest,
+  gathers, and trims: gloo's ``all_gather`` only takes equal-size tensors.
 * ``optimizer/clip_grads.py:clip_grad_by_total_norm_fp32`` (also rebound in
   ``optimizer/optimizer.py``) -> same computation, but accepts ``torch.FloatTensor`` grads
   (upstream asserts ``param.grad.type() == 'torch.cuda.FloatTensor'``).
@@ -147,7 +157,8 @@ Function / method replacements:
   ``activations.{fast_gelu,quick_gelu,squared_relu}``, ``fusions.fused_bias_dropout.*``,
   ``fusions.fused_bias_geglu.*``, ``fusions.fused_bias_gelu.*``, ``fusions.fused_bias_swiglu.*``,
   ``fusions.fused_cross_entropy.*``, ``fusions.fused_pad_routing_map.*``,
-  ``fusions.fused_weighted_squared_relu.*``, ``transformer.attention.Attention._apply_output_gate``,
+  ``fusions.fused_weighted_squared_relu.*``,
+  ``transformer.attention.Attention._apply_output_gate``,
   ``transformer.moe.router.TopKRouter._apply_expert_bias``,
   ``transformer.moe.token_dispatcher.MoEFlexTokenDispatcher.dispatch_preprocess``,
   ``transformer.torch_norm.L2Norm._norm``, ``transformer.utils.{erf_gelu,gelu_impl}``; the
@@ -424,10 +435,10 @@ class _TorchProxy(types.ModuleType):
 # (module under megatron.core, what it needs the proxy for). Keep in sync with the docstring.
 PROXIED_MODULES: Tuple[Tuple[str, str], ...] = (
     ("parallel_state", "torch.cuda.synchronize/current_device in pg-timeout and SHARP set-up"),
-    ("utils", "GlobalMemoryBuffer.get_tensor buffers on current_device, nvtx, param-hash helpers"),
-    ("tensor_parallel.random", "rng tracker: torch.cuda.get_rng_state/manual_seed -> CPU generator"),
+    ("utils", "GlobalMemoryBuffer.get_tensor buffers on current_device, nvtx, cuda events"),
+    ("tensor_parallel.random", "rng tracker: torch.cuda rng state/manual_seed -> CPU generator"),
     ("tensor_parallel.layers", "weight / SP all-gather / main_grad buffers on current_device"),
-    ("tensor_parallel.mappings", "gather / reduce-scatter / all-to-all output buffers on current_device"),
+    ("tensor_parallel.mappings", "gather/reduce-scatter/all-to-all buffers on current_device"),
     ("tensor_parallel.utils", "gather_split_1d_tensor buffers on current_device"),
     ("tensor_parallel.data", "broadcast_data size buffers device='cuda'"),
     ("transformer.attention", "inference KV-cache buffers on current_device"),
@@ -528,9 +539,8 @@ def _make_clip_grad_by_total_norm_fp32(original: Callable) -> Callable:
             grad = param.decoupled_grad if use_decoupled_grad else param.grad
             if grad is None:
                 continue
-            assert grad.dtype in (torch.float32, torch.bfloat16) if use_decoupled_grad else (
-                grad.dtype == torch.float32
-            ), f"expected fp32 grads, got {grad.dtype}"
+            allowed = (torch.float32, torch.bfloat16) if use_decoupled_grad else (torch.float32,)
+            assert grad.dtype in allowed, f"expected fp32 grads, got {grad.dtype}"
             grads.append(to_local_if_dtensor(grad).detach())
         clip_coeff = max_norm / (total_norm + 1.0e-6)
         if clip_coeff < 1.0 and grads:
@@ -569,6 +579,23 @@ BATCH_P2P_MESSAGE = (
     "pipeline parallelism torch.distributed.batch_isend_irecv silently corrupts received "
     "activations. Set ModelParallelConfig/TransformerConfig(batch_p2p_comm=False)."
 )
+
+
+def _make_uneven_gather(original: Callable) -> Callable:
+    """`_gather_along_first_dim` that gathers unequal pieces on gloo (pad, gather, trim)."""
+
+    @functools.wraps(original)
+    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or len(set(output_split_sizes)) <= 1 or group.size() == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        longest = max(output_split_sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        pieces = [torch.empty_like(padded) for _ in output_split_sizes]
+        torch.distributed.all_gather(pieces, padded.contiguous(), group=group)
+        return torch.cat([p[:n] for p, n in zip(pieces, output_split_sizes)], dim=0)
+
+    return gather
 
 
 def _make_p2p_init(original: Callable) -> Callable:
@@ -713,6 +740,19 @@ def enable_cpu_backend() -> bool:
             )
         else:
             _SKIPPED.append(("tensor_parallel/data.py:broadcast_data", "absent"))
+
+        mappings_mod = _import("tensor_parallel.mappings")
+        original_gather = getattr(mappings_mod, "_gather_along_first_dim", None)
+        if original_gather is not None:
+            _rebind_function(
+                mappings_mod,
+                "_gather_along_first_dim",
+                _make_uneven_gather(original_gather),
+                "megatron/core/tensor_parallel/mappings.py:_gather_along_first_dim",
+                "unequal output_split_sizes: pad, all_gather, trim (gloo needs equal sizes)",
+            )
+        else:
+            _SKIPPED.append(("tensor_parallel/mappings.py:_gather_along_first_dim", "absent"))
 
         p2p_mod = _import("pipeline_parallel.p2p_communication")
         p2p_cls = getattr(p2p_mod, "P2PCommunicator", None)

@@ -4,13 +4,14 @@ Run as ``python -m torch.distributed.run --nproc-per-node N mcore_cpu_worker.py 
 
 Layouts (``LAYOUTS``): ``ref`` (1 process, TP=PP=EP=1; initialises the weights with a fixed
 seed and saves the full state dict), ``tp2sp``, ``ep2``, ``pp2``, ``pp2vpp2``, and
-``pp2_batchp2p`` (must fail: batch_p2p_comm=True is refused on the CPU backend). Non-ref
-layouts load their shards of the reference state dict, so losses must match the reference.
+``pp2vpp2_batchp2p`` (must fail: batch_p2p_comm=True is refused on the CPU backend; with
+``--no-batch-p2p-guard`` it runs and gives wrong losses). Non-ref layouts load their shards of
+the reference state dict, so losses must match the reference.
 
 Every iteration: ``get_forward_backward_func()`` (Megatron DDP model chunks,
 ``finalize_model_grads`` incl. router expert-bias update) then Megatron optimizer step.
 Each rank writes ``<out>/rank<r>.json``: per-microbatch losses keyed by global sample index,
-grad norms, final expert biases keyed by global layer.
+grad norms, router expert biases after each iteration keyed ``"<iteration>:<global layer>"``.
 """
 
 import argparse
@@ -19,7 +20,6 @@ import os
 import re
 import sys
 import time
-from functools import partial
 
 import torch
 
@@ -38,7 +38,6 @@ LAYOUTS = {
     "ep2": (1, 1, 2, None, False, False),
     "pp2": (1, 2, 1, None, False, False),
     "pp2vpp2": (1, 2, 1, 2, False, False),
-    "pp2_batchp2p": (1, 2, 1, None, False, True),
     "pp2vpp2_batchp2p": (1, 2, 1, 2, False, True),
 }
 
@@ -352,7 +351,9 @@ def main():
     num_mb = GLOBAL_BATCH // dp_size
     fb = get_forward_backward_func()
 
-    record = {"layout": args.layout, "rank": rank, "losses": {}, "grad_norms": [], "expert_bias": {}}
+    record = {
+        "layout": args.layout, "rank": rank, "losses": {}, "grad_norms": [], "expert_bias": {}
+    }
     for it in range(args.iters):
         tokens, labels = batches(it)
         samples = [dp_rank * num_mb + m for m in range(num_mb)]

@@ -6,7 +6,7 @@ import textwrap
 import pytest
 import torch
 
-from _compat_launch import describe, python_snippet
+from launch import describe, python_snippet
 from megatron_dots.compat import cpu_backend
 from megatron_dots.compat.cpu_backend import (
     PROXIED_MODULES,

@@ -15,11 +15,11 @@ import os
 import pytest
 import torch
 
-from _compat_launch import describe, torchrun
+from launch import describe, torchrun
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU/gloo tests")
 
-WORKER = "mcore_cpu_worker.py"
+WORKER = "compat/mcore_cpu_worker.py"
 LOSS_ATOL = 1e-5
 
 
@@ -87,6 +87,8 @@ def test_batch_p2p_comm_corrupts_without_guard(reference, tmp_path):
     )
     assert proc.returncode == 0, describe(proc)  # no error ...
     diffs = [
-        abs(loss - ref["losses"][key]) for rec in _records(out) for key, loss in rec["losses"].items()
+        abs(loss - ref["losses"][key])
+        for rec in _records(out)
+        for key, loss in rec["losses"].items()
     ]
     assert diffs and max(diffs) > 1e-3  # ... but silently wrong

@@ -1,12 +1,12 @@
-"""Helpers for the compat tests: launch scripts with torchrun / a fresh interpreter."""
+"""Test helpers: run a script under torchrun, or code in a fresh interpreter."""
 
 import os
 import socket
 import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TESTS)
 
 
 def free_port() -> int:
@@ -25,7 +25,10 @@ def _env():
 
 
 def torchrun(script: str, nproc: int, *args: str, timeout: float = 120):
-    """``python -m torch.distributed.run --nproc-per-node N --master-port <free> script args``."""
+    """``python -m torch.distributed.run --nproc-per-node N --master-port <free> script args``.
+
+    `script` is a path relative to tests/ (or absolute).
+    """
     cmd = [
         sys.executable,
         "-m",
@@ -36,7 +39,7 @@ def torchrun(script: str, nproc: int, *args: str, timeout: float = 120):
         "127.0.0.1",
         "--master-port",
         str(free_port()),
-        os.path.join(HERE, script),
+        os.path.join(TESTS, script),
         *args,
     ]
     return subprocess.run(
@@ -57,4 +60,7 @@ def python_snippet(code: str, timeout: float = 120):
 
 
 def describe(proc) -> str:
-    return f"rc={proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+    return (
+        f"rc={proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}"
+        f"\n--- stderr ---\n{proc.stderr[-6000:]}"
+    )
