@@ -515,6 +515,16 @@ def _rebind_function(module, name: str, new: Callable, site: str, description: s
     return True
 
 
+def _wrap_function(module_name: str, name: str, make: Callable, site: str, description: str):
+    """Rebind ``megatron.core.<module_name>.<name>`` to ``make(original)``, or record a skip."""
+    module = _import(module_name)
+    original = getattr(module, name, None) if module is not None else None
+    if original is None:
+        _SKIPPED.append((site, "absent"))
+        return
+    _rebind_function(module, name, make(original), site, description)
+
+
 # --- replacement functions ------------------------------------------------------------------
 
 
@@ -697,19 +707,14 @@ def enable_cpu_backend() -> bool:
             "torch.set_rng_state() instead of torch.cuda._lazy_call (never runs without CUDA)",
         )
 
-        clip_mod = _import("optimizer.clip_grads")
-        original_clip = getattr(clip_mod, "clip_grad_by_total_norm_fp32", None)
-        if original_clip is not None:
-            _rebind_function(
-                clip_mod,
-                "clip_grad_by_total_norm_fp32",
-                _make_clip_grad_by_total_norm_fp32(original_clip),
-                "megatron/core/optimizer/clip_grads.py:clip_grad_by_total_norm_fp32 "
-                "(+ rebound in optimizer/optimizer.py)",
-                "accepts CPU fp32 grads (upstream asserts type 'torch.cuda.FloatTensor')",
-            )
-        else:
-            _SKIPPED.append(("optimizer/clip_grads.py:clip_grad_by_total_norm_fp32", "absent"))
+        _wrap_function(
+            "optimizer.clip_grads",
+            "clip_grad_by_total_norm_fp32",
+            _make_clip_grad_by_total_norm_fp32,
+            "megatron/core/optimizer/clip_grads.py:clip_grad_by_total_norm_fp32 "
+            "(+ rebound in optimizer/optimizer.py)",
+            "accepts CPU fp32 grads (upstream asserts type 'torch.cuda.FloatTensor')",
+        )
 
         lm_mod = _import("models.common.language_module.language_module")
         lm_cls = getattr(lm_mod, "LanguageModule", None)
@@ -728,31 +733,20 @@ def enable_cpu_backend() -> bool:
         else:
             _SKIPPED.append(("LanguageModule.setup_embeddings_and_output_layer", "absent"))
 
-        data_mod = _import("tensor_parallel.data")
-        original_broadcast = getattr(data_mod, "broadcast_data", None)
-        if original_broadcast is not None:
-            _rebind_function(
-                data_mod,
-                "broadcast_data",
-                _with_tensor_cuda_identity(original_broadcast),
-                "megatron/core/tensor_parallel/data.py:broadcast_data",
-                "Tensor.cuda is identity during the call (upstream flattens data[key].cuda())",
-            )
-        else:
-            _SKIPPED.append(("tensor_parallel/data.py:broadcast_data", "absent"))
-
-        mappings_mod = _import("tensor_parallel.mappings")
-        original_gather = getattr(mappings_mod, "_gather_along_first_dim", None)
-        if original_gather is not None:
-            _rebind_function(
-                mappings_mod,
-                "_gather_along_first_dim",
-                _make_uneven_gather(original_gather),
-                "megatron/core/tensor_parallel/mappings.py:_gather_along_first_dim",
-                "unequal output_split_sizes: pad, all_gather, trim (gloo needs equal sizes)",
-            )
-        else:
-            _SKIPPED.append(("tensor_parallel/mappings.py:_gather_along_first_dim", "absent"))
+        _wrap_function(
+            "tensor_parallel.data",
+            "broadcast_data",
+            _with_tensor_cuda_identity,
+            "megatron/core/tensor_parallel/data.py:broadcast_data",
+            "Tensor.cuda is identity during the call (upstream flattens data[key].cuda())",
+        )
+        _wrap_function(
+            "tensor_parallel.mappings",
+            "_gather_along_first_dim",
+            _make_uneven_gather,
+            "megatron/core/tensor_parallel/mappings.py:_gather_along_first_dim",
+            "unequal output_split_sizes: pad, all_gather, trim (gloo needs equal sizes)",
+        )
 
         p2p_mod = _import("pipeline_parallel.p2p_communication")
         p2p_cls = getattr(p2p_mod, "P2PCommunicator", None)
