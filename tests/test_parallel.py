@@ -61,3 +61,21 @@ def test_layout_matches_single_process(reference, tmp_path, layout):
     assert summary["failures"] == 0
     assert summary["grad_tensors_checked"] >= 80  # every parameter of the model, on some rank
     assert summary["worst"]["loss"] < 1e-5 and summary["worst"]["grad"] < 1e-5
+
+
+def test_batch_p2p_comm_is_refused_on_cpu(reference, tmp_path):
+    proc = torchrun(WORKER, 2, "--pp", "2", "--vpp", "2", "--batch-p2p-comm",
+                    "--reference", str(reference), "--out", str(tmp_path / "s.json"))
+    assert proc.returncode != 0
+    assert "batch_p2p_comm=True is not supported" in proc.stdout + proc.stderr
+
+
+def test_batch_p2p_comm_corrupts_without_the_guard(reference, tmp_path):
+    """Why the CPU backend refuses it: gloo's batched p2p silently corrupts activations."""
+    out = tmp_path / "summary.json"
+    proc = torchrun(WORKER, 2, "--pp", "2", "--vpp", "2", "--batch-p2p-comm",
+                    "--no-batch-p2p-guard", "--reference", str(reference), "--out", str(out),
+                    timeout=600)
+    assert proc.returncode == 1, describe(proc)  # ran to the end, but ...
+    summary = json.loads(out.read_text())
+    assert summary["failures"] > 0 and summary["worst"]["loss"] > 1e-3  # ... wrong

@@ -50,6 +50,10 @@ def parse_args():
     parser.add_argument("--ep", type=int, default=1)
     parser.add_argument("--etp", type=int, default=None, help="expert TP (default: = TP)")
     parser.add_argument("--sp", action="store_true")
+    parser.add_argument("--batch-p2p-comm", action="store_true",
+                        help="batched pipeline p2p (refused by the CPU backend under PP>1)")
+    parser.add_argument("--no-batch-p2p-guard", action="store_true",
+                        help="lift that refusal, to show why it exists")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--reference", default=None)
     parser.add_argument("--out", required=True)
@@ -71,6 +75,11 @@ def global_batch(iteration, vocab):
 def main():
     args = parse_args()
     init_distributed()
+    if args.no_batch_p2p_guard:
+        from megatron.core.pipeline_parallel import p2p_communication
+
+        cls = p2p_communication.P2PCommunicator
+        cls.__init__ = getattr(cls.__init__, "__wrapped_original__", cls.__init__)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tp,
         pipeline_model_parallel_size=args.pp,
@@ -89,7 +98,7 @@ def main():
         sequence_parallel=args.sp,
         pipeline_dtype=torch.float32,
         params_dtype=torch.float32,
-        batch_p2p_comm=False,
+        batch_p2p_comm=args.batch_p2p_comm,
     )
     chunks = build_dots_model_chunks(cfg, tc, backend="sequential")
     full = mcore_full_state(make_hf_model(cfg, seed=31, bias_scale=0.05), cfg, tp=args.tp)
