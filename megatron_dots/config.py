@@ -167,6 +167,8 @@ class DotsConfig:
         """
         from megatron.core.transformer.transformer_config import TransformerConfig
 
+        from .compat.mcore_api import whole_layer_cuda_graph_kwargs
+
         shape = dict(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,
@@ -213,7 +215,7 @@ class DotsConfig:
             persist_layer_norm=False,
             gradient_accumulation_fusion=False,
             bias_dropout_fusion=False,
-            cuda_graph_scope=[],  # == upstream's default "full", without its deprecation warning
+            **whole_layer_cuda_graph_kwargs(),  # upstream's default, without its deprecation warning
         )
         if not torch.cuda.is_available():
             kwargs.update(use_cpu_initialization=True)

@@ -15,6 +15,7 @@ _UPSTREAM_MESSAGES = (
     r".*TransformerEngine.*not installed.*",
     r".*nvidia-resiliency-ext.*",
     r".*Triton is not installed.*",
+    r".*absl.logging is not installed.*",  # 0.19: megatron/core/hyper_comm_grid.py
 )
 
 _MODULES = (

@@ -50,8 +50,8 @@ def init_distributed(
         True if this call initialised the group, False if it was already initialised.
 
     On GPU the current CUDA device is set to ``LOCAL_RANK`` first. Without ``RANK`` /
-    ``WORLD_SIZE`` in the environment a world of one process is created
-    (``MASTER_ADDR=127.0.0.1`` and a free ``MASTER_PORT`` are filled in when missing).
+    ``WORLD_SIZE`` / ``MASTER_*`` in the environment a world of one process is created on a
+    free local port, without changing the environment.
     """
     if not torch.distributed.is_available():
         raise RuntimeError("torch.distributed is not available in this torch build")
@@ -64,22 +64,21 @@ def init_distributed(
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
 
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        if int(os.environ["WORLD_SIZE"]) != 1:
-            raise RuntimeError("MASTER_PORT must be set for a multi-process launch")
-        os.environ["MASTER_PORT"] = str(_free_port())
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        init_method = "env://"
+    elif world_size == 1:
+        # A private one-process world; nothing is written to os.environ, so subprocesses
+        # (e.g. a torchrun launched from here) do not inherit a stale rank or port.
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+    else:
+        raise RuntimeError("MASTER_ADDR and MASTER_PORT must be set for a multi-process launch")
 
     kwargs = {}
     if timeout_minutes is not None:
         kwargs["timeout"] = timedelta(minutes=timeout_minutes)
     torch.distributed.init_process_group(
-        backend=backend,
-        rank=int(os.environ["RANK"]),
-        world_size=int(os.environ["WORLD_SIZE"]),
-        **kwargs,
+        backend=backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs
     )
     return True

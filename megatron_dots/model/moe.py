@@ -17,7 +17,7 @@ from .router import DotsRouter
 class DotsMoELayer(MoELayer):
     """Megatron-Core MoE layer with the dots router and an unscaled shared expert."""
 
-    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, **kwargs):
         if getattr(config, "moe_shared_expert_gate", False):
             raise ValueError(
                 "dots shared experts are ungated: set TransformerConfig.moe_shared_expert_gate=False"
@@ -29,6 +29,7 @@ class DotsMoELayer(MoELayer):
             submodules=submodules,
             layer_number=layer_number,
             pg_collection=pg_collection,
+            **kwargs,  # e.g. is_mtp_layer, name (megatron-core 0.19)
         )
         if not isinstance(self.router, DotsRouter):
             raise TypeError(

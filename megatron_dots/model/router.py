@@ -23,11 +23,12 @@ from megatron.core.transformer.moe.router import TopKRouter
 class DotsRouter(TopKRouter):
     """Sigmoid top-k router with a selection-only bias and load statistics."""
 
-    def __init__(self, config, pg_collection=None) -> None:
+    def __init__(self, config, pg_collection=None, **kwargs) -> None:
         _check_router_config(config)
         if pg_collection is None:  # as MoELayer does: Megatron-Core's global groups
             pg_collection = get_default_pg_collection()
-        super().__init__(config=config, pg_collection=pg_collection)
+        # kwargs: e.g. is_mtp_layer (megatron-core 0.19)
+        super().__init__(config=config, pg_collection=pg_collection, **kwargs)
         self.register_buffer(
             "expert_load",
             torch.zeros(config.num_moe_experts, dtype=torch.float32, device=self.weight.device),

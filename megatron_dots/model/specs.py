@@ -31,8 +31,8 @@ from megatron.core.transformer.transformer_layer import (
 )
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
+from ..compat.mcore_api import DotsTransformerLayer, experts_spec
 from ..compat.versions import HAVE_TE
-from .layer import DotsTransformerLayer
 from .moe import DotsMoELayer
 from .norm import DotsRMSNorm
 from .router import DotsRouter
@@ -92,7 +92,6 @@ def _attention_spec(provider: BackendSpecProvider, fused_norm: bool) -> ModuleSp
 
 
 def _moe_spec(provider: BackendSpecProvider, grouped: bool) -> ModuleSpec:
-    experts_module, experts_submodules = provider.grouped_mlp_modules(grouped, False)
     shared = MLPSubmodules(
         linear_fc1=provider.column_parallel_linear(),
         linear_fc2=provider.row_parallel_linear(),
@@ -100,7 +99,7 @@ def _moe_spec(provider: BackendSpecProvider, grouped: bool) -> ModuleSpec:
     return ModuleSpec(
         module=DotsMoELayer,
         submodules=MoESubmodules(
-            experts=ModuleSpec(module=experts_module, submodules=experts_submodules),
+            experts=experts_spec(provider, grouped),
             shared_experts=ModuleSpec(module=SharedExpertMLP, submodules=shared),
             router=DotsRouter,
         ),
