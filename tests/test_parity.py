@@ -22,9 +22,9 @@ def build_from_hf(hf_model, cfg):
     return model.eval()
 
 
-@pytest.mark.parametrize("bias_scale", [0.0, 0.5])
-def test_logits_match_hf(seeded, bias_scale):
-    cfg = tiny_config()
+@pytest.mark.parametrize("bias_scale,rotary_base", [(0.0, 1e4), (0.5, 1e4), (0.5, 1e7)])
+def test_logits_match_hf(seeded, bias_scale, rotary_base):
+    cfg = tiny_config(rotary_base=rotary_base)
     hf = make_hf_model(cfg, seed=11, bias_scale=bias_scale)
     model = build_from_hf(hf, cfg)
     tokens = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(5))
