@@ -85,20 +85,11 @@ def parse_args(argv=None):
     return args
 
 
-def _lr_at(step: int, steps: int, peak: float) -> float:
-    """Warmup (10%), stable, then a linear decay over the last 20% (WSD, as in the paper)."""
-    warmup, decay_start = max(1, steps // 10), int(steps * 0.8)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    if step < decay_start:
-        return peak
-    return peak * max(0.1, 1 - (step - decay_start) / max(1, steps - decay_start))
-
-
 def run(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
     from megatron.core import parallel_state
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from .compat.distributed import init_distributed
@@ -127,9 +118,18 @@ def run(argv: Optional[List[str]] = None) -> dict:
     tc = cfg.to_transformer_config()
     chunks = wrap_with_ddp(build_dots_model_chunks(cfg, tc, backend="auto"), tc)
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=0.1, adam_beta1=0.9,
-                        adam_beta2=0.95, clip_grad=1.0, params_dtype=torch.float32),
+        OptimizerConfig(optimizer="adam", lr=args.lr, min_lr=args.lr / 10, weight_decay=0.1,
+                        adam_beta1=0.9, adam_beta2=0.95, clip_grad=1.0,
+                        params_dtype=torch.float32),
         chunks,
+    )
+    # WSD as in the paper: warmup (10%), stable, linear anneal to 10% of peak (last 20%).
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.lr / 10,
+        lr_warmup_steps=max(1, args.steps // 10), lr_decay_steps=args.steps,
+        lr_decay_style="WSD", lr_wsd_decay_style="linear",
+        wsd_decay_steps=max(1, args.steps // 5), start_wd=0.1, end_wd=0.1,
+        wd_incr_steps=args.steps, wd_incr_style="constant",
     )
     gen = torch.Generator().manual_seed(args.seed)
 
@@ -139,20 +139,19 @@ def run(argv: Optional[List[str]] = None) -> dict:
 
     history, start = [], time.time()
     for step in range(args.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, args.steps, args.lr)
         batch = sample(train_data, args.micro_batch_size * args.micro_batches)
         loss, grad_norm = train_step(
             chunks, optimizer, batch.split(args.micro_batch_size), args.seq_length,
             args.micro_batch_size,
         )
+        scheduler.step(1)
         history.append(loss)
         if (step + 1) % args.log_interval == 0 or step == 0:
             tokens_per_s = (step + 1) * batch.numel() / (time.time() - start)
             print(f" step {step + 1:5d}/{args.steps} | loss {loss:.4f} | grad norm "
                   f"{grad_norm:.3f} | {tokens_per_s:,.0f} tokens/s", flush=True)
 
-    hf = to_hf_model([c.module for c in chunks], cfg)
+    hf = to_hf_model(chunks, cfg)
     valid = sample(valid_data, 4)[:, :-1]
     model = chunks[0].module.eval()
     with torch.no_grad():

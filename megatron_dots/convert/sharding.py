@@ -9,7 +9,7 @@ gradients of any layout against a single-process run.
 """
 
 import re
-from typing import Callable, Dict, Iterator, Mapping, Tuple
+from typing import Dict, Iterator, Mapping, Tuple
 
 import torch
 
@@ -66,7 +66,8 @@ def shard(full: torch.Tensor, local: torch.Tensor, key: str) -> torch.Tensor:
 
 
 def local_tensors(chunk: torch.nn.Module) -> Iterator[Tuple[str, str, torch.Tensor]]:
-    """(local key, full key, tensor) for every persistent tensor of the chunk."""
+    """(local key, full key, tensor) for every persistent tensor of the chunk (DDP unwrapped)."""
+    chunk = _unwrap(chunk)
     for key, tensor in chunk.state_dict(keep_vars=True).items():
         if key.endswith("_extra_state"):
             continue
@@ -87,18 +88,14 @@ def load_full_state_dict(chunk: torch.nn.Module, full: Mapping[str, torch.Tensor
             tensor.copy_(piece)
 
 
-def local_grads(
-    chunk: torch.nn.Module, grad_of: Callable[[torch.nn.Parameter], torch.Tensor] = None
-) -> Dict[str, torch.Tensor]:
-    """{full key: gradient shard} for the chunk's parameters (DDP `main_grad` when present)."""
-    grad_of = grad_of or (lambda p: getattr(p, "main_grad", None) if hasattr(p, "main_grad")
-                          else p.grad)
+def local_grads(chunk: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """{full key: gradient shard} of the chunk's parameters (DDP's `main_grad` when present)."""
     named = dict(_unwrap(chunk).named_parameters())
     out = {}
-    for local_key, key, tensor in local_tensors(_unwrap(chunk)):
+    for local_key, key, _ in local_tensors(chunk):
         param = named.get(local_key)
-        if param is None:
+        if param is None:  # a buffer, e.g. the router's expert bias
             continue
-        grad = grad_of(param)
+        grad = getattr(param, "main_grad", param.grad)
         out[key] = None if grad is None else grad.detach().clone()
     return out

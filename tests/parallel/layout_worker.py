@@ -124,7 +124,7 @@ def main():
         grads, biases = {}, {}
         for chunk in chunks:
             grads.update(local_grads(chunk))
-            biases.update({key: t.detach().clone() for _, key, t in local_tensors(chunk.module)
+            biases.update({key: t.detach().clone() for _, key, t in local_tensors(chunk)
                            if key.endswith("router.expert_bias")})
         optimizer.step()
         records.append({"loss": loss, "grads": grads, "bias": biases})
@@ -139,7 +139,7 @@ def main():
 def compare(records, reference, chunks, out):
     params = {}
     for chunk in chunks:
-        params.update({key: t for _, key, t in local_tensors(chunk.module)})
+        params.update({key: t for _, key, t in local_tensors(chunk)})
     worst = {"loss": 0.0, "grad": 0.0, "bias": 0.0}
     failures = []
     for it, (mine, ref) in enumerate(zip(records, reference)):
