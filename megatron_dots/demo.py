@@ -92,15 +92,14 @@ def run(argv: Optional[List[str]] = None) -> dict:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from .compat.distributed import init_distributed
+    from .compat.distributed import default_device, init_distributed
     from .convert.in_memory import to_hf_model
     from .model import build_dots_model_chunks
     from .training import train_step, wrap_with_ddp
 
     init_distributed()
     if torch.distributed.get_world_size() != 1:
-        raise SystemExit("megatron-dots demo runs as one process; use `megatron-dots pretrain` "
-                         "under torchrun for parallel training")
+        raise SystemExit("megatron-dots demo runs as one process: start it without torchrun")
     parallel_state.initialize_model_parallel(1, 1)
     torch.manual_seed(args.seed)
     model_parallel_cuda_manual_seed(args.seed)
@@ -132,6 +131,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
         wd_incr_steps=args.steps, wd_incr_style="constant",
     )
     gen = torch.Generator().manual_seed(args.seed)
+    device = default_device()
 
     def sample(source, count):
         starts = torch.randint(0, len(source) - args.seq_length - 1, (count,), generator=gen)
@@ -141,7 +141,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
     for step in range(args.steps):
         batch = sample(train_data, args.micro_batch_size * args.micro_batches)
         loss, grad_norm = train_step(
-            chunks, optimizer, batch.split(args.micro_batch_size), args.seq_length,
+            chunks, optimizer, batch.to(device).split(args.micro_batch_size), args.seq_length,
             args.micro_batch_size,
         )
         scheduler.step(1)
@@ -151,12 +151,13 @@ def run(argv: Optional[List[str]] = None) -> dict:
             print(f" step {step + 1:5d}/{args.steps} | loss {loss:.4f} | grad norm "
                   f"{grad_norm:.3f} | {tokens_per_s:,.0f} tokens/s", flush=True)
 
-    hf = to_hf_model(chunks, cfg)
+    hf = to_hf_model(chunks, cfg)  # on the CPU, in fp32
     valid = sample(valid_data, 4)[:, :-1]
     model = chunks[0].module.eval()
     with torch.no_grad():
-        positions = torch.arange(valid.shape[1]).expand_as(valid)
-        ours = model(valid, positions, None)[..., : cfg.vocab_size]
+        on_device = valid.to(device)
+        positions = torch.arange(valid.shape[1], device=device).expand_as(on_device)
+        ours = model(on_device, positions, None)[..., : cfg.vocab_size].float().cpu()
         theirs = hf(valid).logits
         valid_loss = torch.nn.functional.cross_entropy(
             theirs[:, :-1].reshape(-1, cfg.vocab_size), valid[:, 1:].reshape(-1)).item()
