@@ -204,4 +204,3 @@ def _write_outputs(out: str, hf, history, summary) -> None:
 def main(argv=None) -> int:
     summary = run(argv)
     return 0 if summary["hf_max_abs_logit_diff"] <= 1e-4 else 1
-

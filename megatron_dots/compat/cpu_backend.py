@@ -58,7 +58,7 @@ Scope and safety
   ``import megatron.core``.
 
 Patched upstream sites (paths relative to ``megatron/core``; written against 0.16.1, all sites
-also present in the ``core_v0.19.0`` source tree; a site that does not exist in the installed
+also present in 0.19.2, which CI tests; a site that does not exist in the installed
 release is skipped and reported by ``patched_sites(include_skipped=True)``):
 
 ``torch`` -> :class:`_TorchProxy` in these modules (the CUDA uses each one has on 0.16.1):

@@ -4,7 +4,7 @@ Each patch is narrow, idempotent and a no-op where the defect is absent (the sit
 only if the attribute exists; a moved or already fixed site is skipped and reported by
 :func:`applied_patches`).
 
-Status on 0.19 (checked against the ``core_v0.19.0`` source tree, version string 0.19.1): patch
+Status on 0.19 (CI runs the suite against megatron-core 0.19.2, see .ci/run): patch
 1 is skipped there (``te_general_gemm`` is bound in every branch); patch 2 is still needed
 (``maybe_move_tensor_to_cpu`` still converts CUDA tensors only) and its wrapper passes through
 the ``use_nccl_stream`` argument that 0.19 added to ``_AllToAll.forward``.

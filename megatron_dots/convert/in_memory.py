@@ -24,8 +24,8 @@ def full_state_of_single_rank(chunks: Sequence[torch.nn.Module]) -> Dict[str, to
     split = {name: size for name, size in sizes.items() if size > 1}
     if split:
         raise ValueError(
-            f"the model is split across ranks ({split} model-parallel sizes); export it from a "
-            "checkpoint with `megatron-dots convert mcore-to-hf` instead"
+            f"the model is split across ranks ({split} model-parallel sizes); in-memory export "
+            "needs the whole model in one process (TP = PP = EP = 1)"
         )
     state = {}
     for chunk in chunks:

@@ -7,6 +7,6 @@ from .router import DotsRouter
 from .specs import EXPERT_BACKENDS, get_dots_decoder_block_spec, get_dots_layer_spec
 
 __all__ = [
-    "build_dots_model", "build_dots_model_chunks", "DotsMoELayer", "DotsRMSNorm", "DotsRouter", "EXPERT_BACKENDS",
-    "get_dots_decoder_block_spec", "get_dots_layer_spec",
+    "build_dots_model", "build_dots_model_chunks", "DotsMoELayer", "DotsRMSNorm", "DotsRouter",
+    "EXPERT_BACKENDS", "get_dots_decoder_block_spec", "get_dots_layer_spec",
 ]

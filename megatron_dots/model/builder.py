@@ -48,7 +48,9 @@ def build_dots_model(
     )
 
 
-def build_dots_model_chunks(dots_config: DotsConfig, config, *, backend: str = "auto") -> List[GPTModel]:
+def build_dots_model_chunks(
+    dots_config: DotsConfig, config, *, backend: str = "auto"
+) -> List[GPTModel]:
     """The model chunks of this rank: one per virtual pipeline stage (one without VPP).
 
     Needs Megatron-Core's parallel state initialised with the same PP / VPP sizes as `config`.
