@@ -119,6 +119,45 @@ class DotsConfig:
         multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
         return int(math.ceil(self.vocab_size / multiple) * multiple)
 
+    def check_parallel_layout(
+        self,
+        tensor_model_parallel_size: int = 1,
+        pipeline_model_parallel_size: int = 1,
+        expert_model_parallel_size: int = 1,
+        virtual_pipeline_model_parallel_size: Optional[int] = None,
+        flags: Optional[Dict[str, str]] = None,
+    ) -> None:
+        """Raise DotsConfigError (naming the flags) if the model cannot be split this way.
+
+        flags: how the caller's command line spells tp/pp/ep/vpp (default: Megatron-LM's
+        --tensor-model-parallel-size ...).
+        """
+        names = {"tp": "--tensor-model-parallel-size", "pp": "--pipeline-model-parallel-size",
+                 "ep": "--expert-model-parallel-size",
+                 "vpp": "--virtual-pipeline-model-parallel-size", **(flags or {})}
+        tp, pp, ep = (tensor_model_parallel_size, pipeline_model_parallel_size,
+                      expert_model_parallel_size)
+        vpp = virtual_pipeline_model_parallel_size or 1
+        for key, value in (("tp", tp), ("pp", pp), ("ep", ep), ("vpp", vpp)):
+            if value < 1:
+                raise DotsConfigError(f"{names[key]} {value}: must be at least 1")
+        problems = []
+        for field in ("num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                      "moe_ffn_hidden_size"):
+            if getattr(self, field) % tp:
+                problems.append(f"{names['tp']} {tp} does not divide {field} "
+                                f"{getattr(self, field)}")
+        if self.num_moe_experts % ep:
+            problems.append(f"{names['ep']} {ep} does not divide num_moe_experts "
+                            f"{self.num_moe_experts}")
+        if self.num_layers % (pp * vpp):
+            what = f"{names['pp']} {pp}" + (f" x {names['vpp']} {vpp}" if vpp > 1 else "")
+            problems.append(f"{what} does not divide num_layers {self.num_layers}")
+        if vpp > 1 and pp == 1:
+            problems.append(f"{names['vpp']} {vpp} needs {names['pp']} > 1")
+        if problems:
+            raise DotsConfigError("; ".join(problems))
+
     def num_parameters(self) -> Tuple[int, int]:
         """(total, active-per-token) parameter counts, excluding vocab padding."""
         h, d = self.hidden_size, self.kv_channels

@@ -115,6 +115,10 @@ release is skipped and reported by ``patched_sites(include_skipped=True)``):
   ``_communicate_shapes`` (receive buffers on ``current_device``, ``torch.cuda.synchronize``).
 * ``pipeline_parallel/schedules.py``: ``forward_backward_no_pipelining`` and the two pipelined
   schedules (``total_num_tokens = torch.zeros([], device="cuda")``).
+* ``dist_checkpointing/strategies/filesystem_async.py``: ``FileSystemWriterAsync.preload_tensors``
+  (``torch.cuda.synchronize``) on every ``dist_checkpointing.save``.
+* ``dist_checkpointing/strategies/state_dict_saver.py``: ``save_state_dict_async_finalize``
+  (failure flag on ``current_device``), ``verify_global_md_reuse`` (``device='cuda'``).
 * ``distributed/distributed_data_parallel.py``: ``DistributedDataParallel.__init__``
   (``torch.cuda.Stream`` for overlapped grad reduce), ``free/allocate`` buffer helpers
   (``synchronize``/``empty_cache``).
@@ -463,6 +467,8 @@ PROXIED_MODULES: Tuple[Tuple[str, str], ...] = (
     ("optimizer.clip_grads", "grad-norm / count-zeros buffers device='cuda'"),
     ("optimizer.grad_scaler", "loss-scale tensors device='cuda'"),
     ("rerun_state_machine", "device='cuda' reductions, torch.cuda rng state"),
+    ("dist_checkpointing.strategies.filesystem_async", "preload_tensors: torch.cuda.synchronize"),
+    ("dist_checkpointing.strategies.state_dict_saver", "failure flag / reuse check on current_device"),
 )
 
 _LOCK = threading.Lock()

@@ -21,7 +21,8 @@ _TE_EXPERT = re.compile(r"(mlp\.experts\.linear_fc[12]\.weight)(\d+)$")
 _GLU = re.compile(r"linear_fc1\.weight\d*$")
 
 
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
     while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
         chunk = chunk.module
     return chunk
@@ -32,7 +33,7 @@ def global_key(chunk: torch.nn.Module, local_key: str) -> str:
     m = _LAYER.match(local_key)
     if not m:
         return local_key
-    layer = _unwrap(chunk).decoder.layers[int(m.group(1))]
+    layer = unwrap_model(chunk).decoder.layers[int(m.group(1))]
     key = f"decoder.layers.{layer.layer_number - 1}." + local_key[m.end():]
     indices = getattr(layer.mlp, "local_expert_indices", None)
     if indices is not None:
@@ -67,7 +68,7 @@ def shard(full: torch.Tensor, local: torch.Tensor, key: str) -> torch.Tensor:
 
 def local_tensors(chunk: torch.nn.Module) -> Iterator[Tuple[str, str, torch.Tensor]]:
     """(local key, full key, tensor) for every persistent tensor of the chunk (DDP unwrapped)."""
-    chunk = _unwrap(chunk)
+    chunk = unwrap_model(chunk)
     for key, tensor in chunk.state_dict(keep_vars=True).items():
         if key.endswith("_extra_state"):
             continue
@@ -90,7 +91,7 @@ def load_full_state_dict(chunk: torch.nn.Module, full: Mapping[str, torch.Tensor
 
 def local_grads(chunk: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """{full key: gradient shard} of the chunk's parameters (DDP's `main_grad` when present)."""
-    named = dict(_unwrap(chunk).named_parameters())
+    named = dict(unwrap_model(chunk).named_parameters())
     out = {}
     for local_key, key, _ in local_tensors(chunk):
         param = named.get(local_key)

@@ -54,15 +54,18 @@ def forward_backward(
     micro_batches: Iterable[torch.Tensor],
     seq_length: int,
     micro_batch_size: int,
+    forward_only: bool = False,
 ) -> float:
     """Zero the gradients, then forward + backward over this DP rank's micro-batches; the
     schedule ends with `finalize_model_grads` (gradient reduction, router-bias update).
+    With `forward_only`, only the forward (chunks need not be DDP-wrapped).
 
     Returns the mean loss over the global batch, known on every rank.
     """
     micro_batches = list(micro_batches)
     for chunk in chunks:
-        chunk.zero_grad_buffer()
+        if not forward_only:
+            chunk.zero_grad_buffer()
     iterators = [iter(micro_batches) for _ in chunks]
     losses = get_forward_backward_func()(
         forward_step_func=gpt_forward_step,
@@ -71,7 +74,7 @@ def forward_backward(
         num_microbatches=len(micro_batches),
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
-        forward_only=False,
+        forward_only=forward_only,
     )
     return global_mean_loss(losses)
 
