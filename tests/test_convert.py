@@ -303,3 +303,23 @@ if __name__ == "__main__":
     assert all(name.startswith(".release.partial-") for name in left), left
     convert_hf_to_mcore(hf_dir, out, progress=False)  # a new run succeeds beside the debris
     assert open(os.path.join(out, TRACKER)).read() == "release"
+
+
+def test_fused_expert_layout_on_disk_is_read_per_expert(hf_dir, tmp_path):
+    # transformers-5 in-memory names (gate_up_proj [E, 2I, H], down_proj [E, H, I]) on disk.
+    from safetensors.torch import save_file
+
+    from megatron_dots.convert.hf_mapping import fuse_hf_experts
+
+    fused_dir = str(tmp_path / "fused")
+    os.makedirs(fused_dir)
+    shutil.copy(os.path.join(hf_dir, "config.json"), fused_dir)
+    original = read_hf_dir(hf_dir)
+    fused = fuse_hf_experts(original)
+    assert any(k.endswith("gate_up_proj") for k in fused)
+    save_file({k: v.contiguous() for k, v in fused.items()},
+              os.path.join(fused_dir, "model.safetensors"))
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "hf")
+    convert_hf_to_mcore(fused_dir, ckpt, progress=False)
+    convert_mcore_to_hf(ckpt, out, progress=False)
+    assert_bit_identical(original, read_hf_dir(out))

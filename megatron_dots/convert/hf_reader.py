@@ -1,6 +1,8 @@
 """Lazy reader of a Hugging Face dots1 checkpoint directory (safetensors, sharded or not).
 
-Tensors are memory-mapped and read one at a time. Both on-disk expert layouts are accepted:
+Tensors are read one at a time with plain file reads into a fresh buffer (no memory map: the
+pages of a mapped shard stay in the process's RSS for as long as the mapping lives, which made
+a conversion's RSS grow to the checkpoint's size). Both on-disk expert layouts are accepted:
 one tensor per expert (``mlp.experts.{e}.gate_proj.weight`` ..., what transformers writes and
 the released dots.llm1 checkpoints use) and transformers-5's fused in-memory names
 (``mlp.experts.gate_up_proj`` [E, 2I, H], ``mlp.experts.down_proj`` [E, H, I]), read per expert.
@@ -9,10 +11,10 @@ the released dots.llm1 checkpoints use) and transformers-5's fused in-memory nam
 import json
 import os
 import re
+import struct
 from typing import Dict, List, Tuple
 
 import torch
-from safetensors import safe_open
 
 from ..config import DotsConfig, DotsConfigError
 from .errors import CheckpointError
@@ -35,8 +37,8 @@ class HFCheckpoint:
             self.config = DotsConfig.from_hf_config(directory)
         except DotsConfigError as err:
             raise CheckpointError(os.path.join(directory, "config.json"), str(err)) from None
+        self._headers: Dict[str, SafetensorsFile] = {}
         self._files = self._weight_map()
-        self._handles: Dict[str, object] = {}
 
     def _weight_map(self) -> Dict[str, str]:
         index = os.path.join(self.directory, INDEX)
@@ -54,13 +56,12 @@ class HFCheckpoint:
         single = os.path.join(self.directory, SINGLE)
         if not os.path.isfile(single):
             raise CheckpointError(self.directory, f"has neither {INDEX} nor {SINGLE}")
-        with safe_open(single, "pt") as f:
-            return {name: SINGLE for name in f.keys()}
+        return {name: SINGLE for name in self._header(SINGLE)}
 
-    def _handle(self, shard: str):
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(os.path.join(self.directory, shard), "pt")
-        return self._handles[shard]
+    def _header(self, shard: str) -> "SafetensorsFile":
+        if shard not in self._headers:
+            self._headers[shard] = SafetensorsFile(os.path.join(self.directory, shard))
+        return self._headers[shard]
 
     def keys(self) -> List[str]:
         """Stored tensor names, fused expert tensors expanded to per-expert names."""
@@ -93,16 +94,12 @@ class HFCheckpoint:
     def get_dtype(self, name: str) -> torch.dtype:
         """The stored dtype of a tensor (read from the file header only)."""
         shard, stored = self.where(name)
-        code = self._handle(shard).get_slice(stored).get_dtype()
-        if code not in _DTYPES:
-            raise CheckpointError(os.path.join(self.directory, shard),
-                                  f"tensor {stored!r} has unsupported dtype {code}")
-        return _DTYPES[code]
+        return self._header(shard).dtype(stored)
 
     def get_shape(self, name: str) -> Tuple[int, ...]:
         """The stored shape of a tensor (per expert for fused expert tensors)."""
         shard, stored = self.where(name)
-        shape = tuple(self._handle(shard).get_slice(stored).get_shape())
+        shape = self._header(shard).shape(stored)
         if stored == name:
             return shape
         return (shape[1] // 2,) + shape[2:] if stored.endswith("gate_up_proj") else shape[1:]
@@ -110,17 +107,68 @@ class HFCheckpoint:
     def get(self, name: str) -> torch.Tensor:
         """One tensor, in its stored dtype."""
         shard, stored = self.where(name)
-        handle = self._handle(shard)
+        file = self._header(shard)
         if stored == name:
-            return handle.get_tensor(name)
+            return file.read(stored, 0, file.shape(stored))
         m = _PER_EXPERT.match(name)
         expert, kind = int(m.group(2)), m.group(3)
-        fused = handle.get_slice(stored)
+        shape = file.shape(stored)
+        per_expert = 1
+        for dim in shape[1:]:
+            per_expert *= dim
         if kind == "down":
-            return fused[expert:expert + 1][0]
-        rows = fused.get_shape()[1] // 2
-        lo = 0 if kind == "gate" else rows
-        return fused[expert:expert + 1, lo:lo + rows][0]
+            return file.read(stored, expert * per_expert, shape[1:])
+        half = (shape[1] // 2,) + shape[2:]
+        start = expert * per_expert + (0 if kind == "gate" else per_expert // 2)
+        return file.read(stored, start, half)
 
     def close(self):
-        self._handles.clear()
+        self._headers.clear()
+
+
+class SafetensorsFile:
+    """The header of one safetensors file, and reads of contiguous element ranges."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(length))
+        except (OSError, ValueError, struct.error) as err:
+            raise CheckpointError(path, f"not a readable safetensors file ({err})") from None
+        header.pop("__metadata__", None)
+        self._data_start = 8 + length
+        self._entries = header
+        size = os.path.getsize(path) - self._data_start
+        for name, entry in header.items():
+            if entry["data_offsets"][1] > size:
+                raise CheckpointError(path, f"tensor {name!r} lies beyond the end of the file "
+                                      "(truncated download?)")
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self._entries[name]["dtype"]
+        if code not in _DTYPES:
+            raise CheckpointError(self.path, f"tensor {name!r} has unsupported dtype {code}")
+        return _DTYPES[code]
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return tuple(self._entries[name]["shape"])
+
+    def read(self, name: str, element_offset: int, shape: Tuple[int, ...]) -> torch.Tensor:
+        """`shape` elements of tensor `name`, starting `element_offset` elements in."""
+        dtype = self.dtype(name)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        buffer = torch.empty(numel * itemsize, dtype=torch.uint8)
+        start = self._data_start + self._entries[name]["data_offsets"][0]
+        with open(self.path, "rb") as f:
+            f.seek(start + element_offset * itemsize)
+            if f.readinto(memoryview(buffer.numpy())) != buffer.numel():
+                raise CheckpointError(self.path, f"tensor {name!r}: short read")
+        return buffer.view(dtype).reshape(shape)

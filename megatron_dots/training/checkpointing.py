@@ -28,12 +28,24 @@ from .checkpoint_format import (
 def _model_entries(chunks: Sequence[torch.nn.Module]) -> Dict[str, Any]:
     if len(chunks) == 1:
         return {"model": unwrap_model(chunks[0]).sharded_state_dict()}
-    return {f"model{i}": unwrap_model(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
+    return {f"model{i}": unwrap_model(chunk).sharded_state_dict()
+            for i, chunk in enumerate(chunks)}
 
 
 def _barrier():
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def _require_psutil() -> None:
+    # megatron-core 0.16.1 / 0.19.2 dist_checkpointing/strategies/filesystem_async.py: the
+    # writer's worker process calls psutil before its try block; without psutil it dies
+    # silently and the parent waits on its queue forever.
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        raise RuntimeError("saving a torch_dist checkpoint needs psutil (pip install psutil): "
+                           "megatron-core's writer hangs without it") from None
 
 
 def save_checkpoint(
@@ -43,6 +55,7 @@ def save_checkpoint(
 
     `extra` goes into the common state's `dots` entry (e.g. consumed tokens).
     """
+    _require_psutil()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     final = iteration_dir(root, iteration)
     partial = os.path.join(root, f".{os.path.basename(final)}.partial")
