@@ -6,6 +6,7 @@ file is parsed once; each :meth:`DistCheckpointReader.load` reads only the byte 
 requested tensor.
 """
 
+import io
 import json
 import os
 import warnings
@@ -17,6 +18,9 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 from .errors import CheckpointError
+
+
+_COMMON_OBJECT = "common_state/shard_0_1"
 
 
 class _CachedMetadataReader(FileSystemReader):
@@ -66,11 +70,26 @@ class DistCheckpointReader:
                 if isinstance(v, TensorStorageMetadata)}
 
     def common_state(self) -> Dict[str, Any]:
-        """The non-sharded state (common.pt): iteration, config, ..."""
+        """The non-sharded state (iteration, config, ...).
+
+        megatron-core 0.16 (and our converter) keep it in ``common.pt``; 0.19 saves it as the
+        pickled object ``common_state/shard_0_1`` inside the DCP files (and still reads
+        common.pt).
+        """
         path = os.path.join(self.directory, "common.pt")
-        if not os.path.isfile(path):
-            raise CheckpointError(path, "missing")
-        return torch.load(path, map_location="cpu", weights_only=False)
+        if os.path.isfile(path):
+            return torch.load(path, map_location="cpu", weights_only=False)
+        if _COMMON_OBJECT not in self.metadata.state_dict_metadata:
+            raise CheckpointError(path, f"missing, and .metadata has no {_COMMON_OBJECT!r}")
+        out = {_COMMON_OBJECT: io.BytesIO()}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp_load(out, storage_reader=self._reader, no_dist=True)
+        loaded = out[_COMMON_OBJECT]
+        if isinstance(loaded, io.BytesIO):
+            loaded.seek(0)
+            loaded = torch.load(loaded, map_location="cpu", weights_only=False)
+        return loaded[0]  # Megatron stores the list of the objects' data
 
     def load(self, key: str) -> torch.Tensor:
         """The whole global tensor stored under `key`, on CPU, in its stored dtype."""
