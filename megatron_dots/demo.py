@@ -3,9 +3,10 @@
 Runs anywhere with no network: the corpus is the documentation of Python's standard library
 (docstrings of the installed modules), tokenised as bytes. The model is the `dots-tiny` preset
 trained with Megatron-Core's schedule, DDP, finalize_model_grads (router-bias update) and Adam.
-At the end the weights go into transformers' `Dots1ForCausalLM`, which must give the same
-logits, and it generates a few bytes of text. With `--out`, the HF model, the loss curve (CSV)
-and a summary (JSON) are written there.
+At the end it saves a Megatron-Core torch_dist checkpoint, exports it with
+`convert mcore-to-hf` and loads the export in transformers' `Dots1ForCausalLM`, which must give
+the same logits, and generates a few bytes of text. With `--out`, the checkpoint (ckpt/), the
+HF model (hf/), the loss curve (CSV) and a summary (JSON) stay there.
 """
 
 import argparse
@@ -15,6 +16,8 @@ import inspect
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from typing import List, Optional
 
@@ -77,7 +80,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=1234, help="random seed")
     parser.add_argument("--log-interval", type=int, default=25, help="steps between log lines")
     parser.add_argument("--out", default=None,
-                        help="directory for the exported HF model, loss CSV and summary JSON")
+                        help="directory to keep the checkpoint, HF export, loss CSV and summary "
+                        "JSON in (default: a temporary directory, deleted at the end)")
     args = parser.parse_args(argv)
     for flag in ("steps", "seq_length", "micro_batch_size", "micro_batches", "log_interval"):
         if getattr(args, flag) <= 0:
@@ -93,7 +97,8 @@ def run(argv: Optional[List[str]] = None) -> dict:
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from .compat.distributed import default_device, init_distributed
-    from .convert.in_memory import to_hf_model
+    from .convert.mcore_to_hf import convert_mcore_to_hf
+    from .training.checkpointing import save_checkpoint
     from .model import build_dots_model_chunks
     from .training import train_step, wrap_with_ddp
 
@@ -151,7 +156,15 @@ def run(argv: Optional[List[str]] = None) -> dict:
             print(f" step {step + 1:5d}/{args.steps} | loss {loss:.4f} | grad norm "
                   f"{grad_norm:.3f} | {tokens_per_s:,.0f} tokens/s", flush=True)
 
-    hf = to_hf_model(chunks, cfg)  # on the CPU, in fp32
+    # Save a Megatron torch_dist checkpoint and export it with the converter, as users do.
+    work = args.out or tempfile.mkdtemp(prefix="megatron-dots-demo-")
+    ckpt = save_checkpoint(chunks, os.path.join(work, "ckpt"), args.steps, cfg)
+    hf_dir = convert_mcore_to_hf(ckpt, os.path.join(work, "hf"), overwrite=True, progress=False)
+    print(f"saved the Megatron checkpoint {ckpt} and exported it to {hf_dir}")
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                              attn_implementation="eager").eval()
     valid = sample(valid_data, 4)[:, :-1]
     model = chunks[0].module.eval()
     with torch.no_grad():
@@ -180,8 +193,10 @@ def run(argv: Optional[List[str]] = None) -> dict:
           f"{max_diff:.2e}")
     print(f"greedy generation: {text!r}")
     if args.out:
-        _write_outputs(args.out, hf, history, summary)
-        print(f"wrote the HF model, losses.csv and summary.json to {args.out}")
+        _write_outputs(args.out, history, summary)
+        print(f"wrote ckpt/, hf/, losses.csv and summary.json to {args.out}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     parallel_state.destroy_model_parallel()
     return summary
 
@@ -190,9 +205,7 @@ def _mean(values):
     return sum(values) / len(values)
 
 
-def _write_outputs(out: str, hf, history, summary) -> None:
-    os.makedirs(out, exist_ok=True)
-    hf.save_pretrained(os.path.join(out, "hf"))
+def _write_outputs(out: str, history, summary) -> None:
     with open(os.path.join(out, "losses.csv"), "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["step", "loss"])

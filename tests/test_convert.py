@@ -323,3 +323,19 @@ def test_fused_expert_layout_on_disk_is_read_per_expert(hf_dir, tmp_path):
     convert_hf_to_mcore(fused_dir, ckpt, progress=False)
     convert_mcore_to_hf(ckpt, out, progress=False)
     assert_bit_identical(original, read_hf_dir(out))
+
+
+def test_fused_experts_with_another_expert_count_are_refused(hf_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from megatron_dots.convert.hf_mapping import fuse_hf_experts
+
+    fused_dir = str(tmp_path / "fused")
+    os.makedirs(fused_dir)
+    shutil.copy(os.path.join(hf_dir, "config.json"), fused_dir)
+    _edit_config(fused_dir, n_routed_experts=4)
+    save_file({k: v.contiguous() for k, v in fuse_hf_experts(read_hf_dir(hf_dir)).items()},
+              os.path.join(fused_dir, "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor "
+                       r"'model\.layers\.1\.mlp\.experts\.gate_up_proj' holds 8 experts"):
+        convert_hf_to_mcore(fused_dir, str(tmp_path / "ckpt"), progress=False)

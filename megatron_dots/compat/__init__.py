@@ -9,6 +9,7 @@
 `install()` runs at `import megatron_dots`.
 """
 
+import multiprocessing
 import os
 import sys
 
@@ -57,6 +58,8 @@ def _announce() -> None:
         return
     if os.environ.get("RANK", "0") != "0":
         return
+    if multiprocessing.parent_process() is not None:
+        return  # a helper process (e.g. megatron-core's checkpoint writer) re-importing us
     if versions.HAVE_TE and not cpu_backend_active():
         return
     print(backend_summary(), file=sys.stderr)

@@ -39,6 +39,7 @@ class HFCheckpoint:
             raise CheckpointError(os.path.join(directory, "config.json"), str(err)) from None
         self._headers: Dict[str, SafetensorsFile] = {}
         self._files = self._weight_map()
+        self._check_fused_expert_counts()
 
     def _weight_map(self) -> Dict[str, str]:
         index = os.path.join(self.directory, INDEX)
@@ -57,6 +58,16 @@ class HFCheckpoint:
         if not os.path.isfile(single):
             raise CheckpointError(self.directory, f"has neither {INDEX} nor {SINGLE}")
         return {name: SINGLE for name in self._header(SINGLE)}
+
+    def _check_fused_expert_counts(self) -> None:
+        for name, shard in self._files.items():
+            if self._fused_members(name):
+                experts = self._header(shard).shape(name)[0]
+                if experts != self.config.num_moe_experts:
+                    raise CheckpointError(
+                        os.path.join(self.directory, shard),
+                        f"tensor {name!r} holds {experts} experts, config.json says "
+                        f"n_routed_experts={self.config.num_moe_experts}")
 
     def _header(self, shard: str) -> "SafetensorsFile":
         if shard not in self._headers:
