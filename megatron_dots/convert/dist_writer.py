@@ -13,7 +13,7 @@ Only public PyTorch DCP pieces are used: ``FileSystemWriter`` (``prepare_global_
 import io
 import json
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch.distributed.checkpoint import FileSystemWriter
