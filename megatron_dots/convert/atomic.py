@@ -38,10 +38,17 @@ def atomic_directory(target: str, overwrite: bool = False) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    promote_directory(partial, target)
+
+
+def promote_directory(complete: str, target: str) -> None:
+    """Rename the finished directory `complete` to `target`, replacing an old `target` only
+    once the new one is in place."""
+    parent, name = os.path.split(os.path.abspath(target))
     old = os.path.join(parent, f".{name}.old-{os.getpid()}")
     if os.path.exists(target):
         os.rename(target, old)
-    os.rename(partial, target)
+    os.rename(complete, target)
     _fsync_dir(parent)
     shutil.rmtree(old, ignore_errors=True)
 

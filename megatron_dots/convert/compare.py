@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import DotsConfig
 from .mcore_to_hf import open_checkpoint
 
 
@@ -25,8 +26,10 @@ class Comparison:
                 and self.top1_agreement >= min_top1)
 
 
-def megatron_logits(ckpt: str, tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Logits [b, s, vocab] (padding stripped) of the checkpoint's model, one process."""
+def megatron_logits(ckpt: str, cfg: DotsConfig, tokens: torch.Tensor,
+                    device: torch.device) -> torch.Tensor:
+    """Logits [b, s, vocab] (padding stripped) of the checkpoint's model (config `cfg`), one
+    process."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -34,7 +37,6 @@ def megatron_logits(ckpt: str, tokens: torch.Tensor, device: torch.device) -> to
     from ..model import build_dots_model
     from ..training.checkpointing import load_checkpoint
 
-    cfg = open_checkpoint(ckpt).cfg
     init_distributed()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
@@ -64,7 +66,7 @@ def compare(ckpt: str, hf_dir: str, batch: int = 2, seq_length: int = 32,
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_length), generator=gen)
-    ours = megatron_logits(ckpt, tokens, device)
+    ours = megatron_logits(ckpt, cfg, tokens, device)
     theirs = hf_logits(hf_dir, tokens, device)
     if ours.shape != theirs.shape:
         raise ValueError(f"logit shapes differ: Megatron {tuple(ours.shape)}, "

@@ -25,8 +25,10 @@ import re
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+import torch
+
 from ..config import DotsConfig
-from .hf_mapping import mcore_keys
+from .hf_mapping import from_mcore, mcore_keys
 
 _EXPERT = re.compile(
     r"(?P<prefix>decoder\.layers\.\d+\.mlp\.experts\.)"
@@ -82,6 +84,13 @@ def full_shape(model_key: str, cfg: DotsConfig, padded_vocab_size: int) -> Tuple
         if re.search(r"(^|\.)" + suffix + "$", model_key):
             return shape
     raise KeyError(f"no shape rule for Megatron key {model_key!r}")
+
+
+def hf_shapes(model_key: str, cfg: DotsConfig,
+              padded_vocab_size: int) -> Dict[str, Tuple[int, ...]]:
+    """HF name -> shape of the HF tensors one full Megatron tensor becomes (padding stripped)."""
+    meta = torch.empty(full_shape(model_key, cfg, padded_vocab_size), device="meta")
+    return {name: tuple(t.shape) for name, t in from_mcore(model_key, meta, cfg).items()}
 
 
 @dataclass(frozen=True)

@@ -81,11 +81,7 @@ class DistCheckpointReader:
             return torch.load(path, map_location="cpu", weights_only=False)
         if _COMMON_OBJECT not in self.metadata.state_dict_metadata:
             raise CheckpointError(path, f"missing, and .metadata has no {_COMMON_OBJECT!r}")
-        out = {_COMMON_OBJECT: io.BytesIO()}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp_load(out, storage_reader=self._reader, no_dist=True)
-        loaded = out[_COMMON_OBJECT]
+        loaded = self._load({_COMMON_OBJECT: io.BytesIO()})[_COMMON_OBJECT]
         if isinstance(loaded, io.BytesIO):
             loaded.seek(0)
             loaded = torch.load(loaded, map_location="cpu", weights_only=False)
@@ -97,8 +93,11 @@ class DistCheckpointReader:
         if not isinstance(md, TensorStorageMetadata):
             raise CheckpointError(os.path.join(self.directory, ".metadata"),
                                   f"no tensor {key!r}")
-        out = {key: torch.empty(tuple(md.size), dtype=md.properties.dtype)}
+        return self._load({key: torch.empty(tuple(md.size), dtype=md.properties.dtype)})[key]
+
+    def _load(self, state: Dict[str, Any]) -> Dict[str, Any]:
+        """DCP load into `state` in this process (no process group), metadata cached."""
         with warnings.catch_warnings():  # "assuming ... a single process": that is the intent
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp_load(out, storage_reader=self._reader, no_dist=True)
-        return out[key]
+            dcp_load(state, storage_reader=self._reader, no_dist=True)
+        return state

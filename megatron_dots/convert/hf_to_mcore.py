@@ -15,10 +15,10 @@ import torch
 from ..config import DotsConfig
 from ..training.checkpoint_format import RELEASE, TRACKER, dots_common_state, iteration_dir
 from .atomic import atomic_directory, atomic_write_text
-from .dist_layout import StoredTensor, extra_state_keys, full_shape, stored_tensors
+from .dist_layout import StoredTensor, extra_state_keys, hf_shapes, stored_tensors
 from .dist_writer import Chunk, PickledObject, write_dist_checkpoint
 from .errors import CheckpointError
-from .hf_mapping import from_mcore, hf_sources, to_mcore
+from .hf_mapping import hf_sources, to_mcore
 from .hf_reader import HFCheckpoint
 from .progress import progress_bar
 
@@ -36,10 +36,7 @@ def expected_hf_tensors(cfg: DotsConfig, tensors: List[StoredTensor],
     out = {}
     for tensor in tensors:
         for member in tensor.members:
-            meta = torch.empty(full_shape(member.model_key, cfg, padded_vocab_size),
-                               device="meta")
-            out.update({k: tuple(v.shape)
-                        for k, v in from_mcore(member.model_key, meta, cfg).items()})
+            out.update(hf_shapes(member.model_key, cfg, padded_vocab_size))
     return out
 
 

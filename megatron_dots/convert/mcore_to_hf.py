@@ -23,6 +23,7 @@ from .dist_layout import (
     Source,
     StoredTensor,
     full_shape,
+    hf_shapes,
     is_glu_fc1,
     model_prefixed,
     stored_sources,
@@ -153,11 +154,9 @@ def hf_tensor_plan(model: CheckpointModel, dtype: Optional[torch.dtype]) -> List
     specs = []
     for tensor in model.tensors:
         for member in tensor.members:
-            meta = torch.empty(full_shape(member.model_key, model.cfg, model.padded_vocab_size),
-                               device="meta")
-            for name, t in from_mcore(member.model_key, meta, model.cfg).items():
-                specs.append(TensorSpec(name, tuple(t.shape),
-                                        _hf_dtype(name, model.dtypes[tensor.key], dtype)))
+            shapes = hf_shapes(member.model_key, model.cfg, model.padded_vocab_size)
+            specs += [TensorSpec(name, shape, _hf_dtype(name, model.dtypes[tensor.key], dtype))
+                      for name, shape in shapes.items()]
     return specs
 
 

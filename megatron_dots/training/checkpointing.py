@@ -15,7 +15,7 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state
 
 from ..config import DotsConfig
-from ..convert.atomic import atomic_write_text
+from ..convert.atomic import atomic_write_text, promote_directory
 from ..convert.sharding import unwrap_model
 from .checkpoint_format import (
     TRACKER,
@@ -75,12 +75,8 @@ def save_checkpoint(
     dist_checkpointing.save(state, partial)
     _barrier()
     if rank == 0:
-        old = os.path.join(root, f".{os.path.basename(final)}.old")
-        if os.path.exists(final):
-            os.rename(final, old)
-        os.rename(partial, final)
+        promote_directory(partial, final)
         atomic_write_text(os.path.join(root, TRACKER), str(iteration))
-        shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 
