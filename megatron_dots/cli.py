@@ -136,6 +136,24 @@ def _compare(argv) -> int:
     return 0 if ok else 1
 
 
+def _pretrain(argv) -> int:
+    from .training.pretrain import main
+
+    return main(argv)
+
+
+def _preprocess(argv) -> int:
+    from .data.preprocess import main
+
+    return main(argv)
+
+
+def _plot_experts(argv) -> int:
+    from .telemetry.plots import main
+
+    return main(argv)
+
+
 DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 
 
@@ -144,6 +162,10 @@ COMMANDS = {
     "info": (_info, "show a preset or HF config: shape and parameter counts"),
     "convert": (_convert, "hf-to-mcore / mcore-to-hf checkpoint conversion (streaming, CPU)"),
     "compare": (_compare, "logits of a Megatron checkpoint vs an HF model; exit 1 if they differ"),
+    "pretrain": (_pretrain, "train with Megatron-LM flags plus --dots-* (torchrun for many "
+                 "processes)"),
+    "preprocess": (_preprocess, "JSONL -> Megatron indexed dataset (.bin/.idx), multiprocess"),
+    "plot-experts": (_plot_experts, "expert-load CSV -> PNG heatmap (layer x expert)"),
 }
 
 
@@ -152,7 +174,7 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: megatron-dots COMMAND [options]\n\ncommands:")
         for name, (_, help_text) in COMMANDS.items():
-            print(f"  {name:8s} {help_text}")
+            print(f"  {name:12s} {help_text}")
         print("\n`megatron-dots COMMAND --help` describes a command's options.")
         return 0 if argv else 2
     if argv[0] not in COMMANDS:

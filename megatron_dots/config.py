@@ -158,6 +158,11 @@ class DotsConfig:
         if problems:
             raise DotsConfigError("; ".join(problems))
 
+    def architecture(self) -> Dict[str, Any]:
+        """The fields that fix the model's tensors and math (not training hyper-parameters such
+        as the bias update rate); two configs with equal architectures share checkpoints."""
+        return {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
+
     def num_parameters(self) -> Tuple[int, int]:
         """(total, active-per-token) parameter counts, excluding vocab padding."""
         h, d = self.hidden_size, self.kv_channels
@@ -440,6 +445,14 @@ _HF_IGNORED = {
     "is_encoder_decoder", "id2label", "label2id", "problem_type", "tokenizer_class",
     "keys_to_ignore_at_inference", "aux_loss_alpha", "seq_aux", "router_aux_loss_coef",
 }
+
+
+ARCHITECTURE_FIELDS = (
+    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+    "ffn_hidden_size", "first_k_dense", "num_moe_experts", "moe_ffn_hidden_size",
+    "moe_router_topk", "num_shared_experts", "routed_scaling_factor", "vocab_size",
+    "rotary_base", "norm_epsilon", "attention_bias",
+)
 
 
 PRESETS: Dict[str, Dict[str, Any]] = {

@@ -1,20 +1,27 @@
-"""Save and load model checkpoints with Megatron-Core dist_checkpointing (torch_dist format).
+"""Save and load training checkpoints with Megatron-Core dist_checkpointing (torch_dist).
 
 Directory layout and common state as in ``checkpoint_format`` (Megatron-LM's). Saves are
 atomic: all ranks write into ``ROOT/.iter_N.partial``; rank 0 renames it to ``ROOT/iter_N``
 and then rewrites the tracker file, so a crash mid-save leaves the previous checkpoint and the
-tracker untouched. The model entries are ``model`` (one chunk) or ``model0``, ``model1`` ...
-(virtual pipeline chunks), as in Megatron-LM.
+tracker untouched. Entries, as in Megatron-LM: ``model`` (one chunk) or ``model0``,
+``model1`` ... (virtual pipeline chunks); ``optimizer`` (Megatron-Core's sharded optimizer
+state, reshardable); ``opt_param_scheduler``; ``rng_state`` (one object per rank, restored
+when the layout is unchanged). Model-only checkpoints (converted, or saved without an
+optimizer) load with ``optimizer=None``.
 """
 
 import os
+import random
 import shutil
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence
 
+import numpy
 import torch
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from ..config import DotsConfig
+from ..convert.errors import CheckpointError
 from ..convert.atomic import atomic_write_text, promote_directory
 from ..convert.sharding import unwrap_model
 from .checkpoint_format import (
@@ -30,6 +37,51 @@ def _model_entries(chunks: Sequence[torch.nn.Module]) -> Dict[str, Any]:
         return {"model": unwrap_model(chunks[0]).sharded_state_dict()}
     return {f"model{i}": unwrap_model(chunk).sharded_state_dict()
             for i, chunk in enumerate(chunks)}
+
+
+# Megatron-LM's metadata for new checkpoints: optimizer keys without chain prefixes.
+_OPTIMIZER_METADATA = {"chained_optim_avoid_prefix": True,
+                       "distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def parallel_layout(num_chunks: int) -> Dict[str, int]:
+    """This process's parallel sizes, as stored in the common state."""
+    return {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "ep": parallel_state.get_expert_model_parallel_world_size(),
+        "dp": parallel_state.get_data_parallel_world_size(),
+        "vpp": num_chunks,
+    }
+
+
+def _rng_state() -> Dict[str, Any]:
+    state = {"random": random.getstate(), "numpy": numpy.random.get_state(),
+             "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["random"])
+    numpy.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_entry(data=None) -> ShardedObject:
+    """One RNG object per (pp, tp, dp) rank: identical layouts restore every rank's streams."""
+    shape = (parallel_state.get_pipeline_model_parallel_world_size(),
+             parallel_state.get_tensor_model_parallel_world_size(),
+             parallel_state.get_data_parallel_world_size())
+    offset = (parallel_state.get_pipeline_model_parallel_rank(),
+              parallel_state.get_tensor_model_parallel_rank(),
+              parallel_state.get_data_parallel_rank())
+    return ShardedObject("rng_state", data, shape, offset, replica_id=0)
 
 
 def _barrier():
@@ -49,11 +101,13 @@ def _require_psutil() -> None:
 
 
 def save_checkpoint(
-    chunks: Sequence[torch.nn.Module], root: str, iteration: int, cfg: DotsConfig, **extra
+    chunks: Sequence[torch.nn.Module], root: str, iteration: int, cfg: DotsConfig,
+    optimizer=None, scheduler=None, **extra
 ) -> str:
-    """Save the model chunks of every rank as ROOT/iter_{iteration:07d}; returns that path.
+    """Save every rank's model chunks (and optimizer, scheduler, RNG state when given) as
+    ROOT/iter_{iteration:07d}; returns that path.
 
-    `extra` goes into the common state's `dots` entry (e.g. consumed tokens).
+    `extra` goes into the common state's `dots` entry (e.g. consumed samples).
     """
     _require_psutil()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -64,14 +118,14 @@ def save_checkpoint(
         os.makedirs(partial)
     _barrier()
     state = _model_entries(chunks)
-    parallel = {
-        "tp": parallel_state.get_tensor_model_parallel_world_size(),
-        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
-        "ep": parallel_state.get_expert_model_parallel_world_size(),
-        "vpp": len(chunks),
-    }
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_OPTIMIZER_METADATA)
+        state["rng_state"] = _rng_entry(_rng_state())
+    if scheduler is not None:
+        state["opt_param_scheduler"] = scheduler.state_dict()
     padded = unwrap_model(chunks[0]).vocab_size
-    state.update(dots_common_state(cfg, padded, parallel, iteration, **extra))
+    extra.setdefault("training_state", optimizer is not None)
+    state.update(dots_common_state(cfg, padded, parallel_layout(len(chunks)), iteration, **extra))
     dist_checkpointing.save(state, partial)
     _barrier()
     if rank == 0:
@@ -81,14 +135,36 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(chunks: Sequence[torch.nn.Module], path: str) -> Dict[str, Any]:
-    """Load model weights saved under any layout into these chunks; returns the common state.
+def load_checkpoint(
+    chunks: Sequence[torch.nn.Module], path: str, optimizer=None, scheduler=None,
+    load_rng: bool = True,
+) -> Dict[str, Any]:
+    """Load a checkpoint saved under any layout into these chunks (and the optimizer and
+    scheduler when given; RNG streams when the layout is unchanged); returns the common state.
 
     path: a checkpoint root (its tracker file picks the iteration) or a torch_dist directory.
     """
     directory = resolve_checkpoint_dir(path)
-    loaded = dist_checkpointing.load(_model_entries(chunks), directory)
+    common = dist_checkpointing.load_common_state_dict(directory)
+    dots = common.get("dots", {})
+    if optimizer is not None and not dots.get("training_state", False):
+        raise CheckpointError(directory, "holds model weights only (no optimizer state); load "
+                              "it with --finetune or --no-load-optim")
+    state = _model_entries(chunks)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
+                                                          metadata=_OPTIMIZER_METADATA)
+        same_layout = dots.get("parallel") == parallel_layout(len(chunks))
+        if load_rng and same_layout:
+            state["rng_state"] = _rng_entry()
+    loaded = dist_checkpointing.load(state, directory)
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for key, chunk in zip(keys, chunks):
         unwrap_model(chunk).load_state_dict(loaded.pop(key))
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded.pop("optimizer"))
+    if scheduler is not None and "opt_param_scheduler" in loaded:
+        scheduler.load_state_dict(loaded.pop("opt_param_scheduler"))
+    if "rng_state" in loaded:
+        _set_rng_state(loaded.pop("rng_state"))
     return loaded

@@ -1,11 +1,13 @@
 """One optimizer step of a dots model with Megatron-Core's schedules, DDP and optimizer.
 
-Batches are token tensors `[micro_batch, seq_length + 1]`: inputs are all but the last token,
-labels all but the first. `train_step` runs `forward_backward_func` (no pipelining, 1F1B or
+A micro-batch is either a token tensor `[micro_batch, seq_length + 1]` (inputs are all but the
+last token, labels all but the first) or a Megatron-Core GPT dataset batch, a dict of
+`tokens`, `labels`, `loss_mask` and `position_ids` `[micro_batch, seq_length]`. `train_step` runs `forward_backward_func` (no pipelining, 1F1B or
 interleaved 1F1B, as the parallel state says), whose `finalize_model_grads` reduces gradients
 and updates the router bias, then steps the optimizer.
 """
 
+import functools
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -19,18 +21,30 @@ from megatron.core.distributed import (
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 
-def lm_loss_func(output_tensor: torch.Tensor):
-    """Mean per-token cross entropy; the reported value is a copy (the schedule scales `loss`)."""
-    loss = output_tensor.float().mean()
+def lm_loss_func(loss_mask: Optional[torch.Tensor], output_tensor: torch.Tensor):
+    """Mean per-token cross entropy over the unmasked tokens; the reported value is a copy
+    (the schedule scales `loss`)."""
+    losses = output_tensor.float()
+    if loss_mask is None:
+        loss = losses.mean()
+    else:
+        mask = loss_mask.reshape(losses.shape).float()
+        loss = (losses * mask).sum() / mask.sum().clamp(min=1)
     return loss, {"lm loss": loss.detach().clone()}
 
 
 def gpt_forward_step(data_iterator, model):
-    """Megatron-Core forward step: next `[b, s+1]` token batch -> per-token losses."""
-    tokens = next(data_iterator)
-    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-    positions = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
-    return model(inputs, positions, None, labels=labels), lm_loss_func
+    """Megatron-Core forward step: next micro-batch -> per-token losses."""
+    batch = next(data_iterator)
+    if isinstance(batch, dict):
+        inputs, labels = batch["tokens"], batch["labels"]
+        positions, loss_mask = batch["position_ids"], batch["loss_mask"]
+    else:
+        inputs, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        positions = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
+        loss_mask = None
+    output = model(inputs, positions, None, labels=labels)
+    return output, functools.partial(lm_loss_func, loss_mask)
 
 
 def wrap_with_ddp(

@@ -1,0 +1,88 @@
+"""The paper's staged global batch size: the batch grows with the tokens consumed so far.
+
+`--dots-batch-stages 0:64M,6T:96M,8.3T:128M` reads "from 0 tokens train with 64M-token
+batches, from 6T tokens with 96M, from 8.3T with 128M" (dots.llm1, section 4). Sizes take the
+suffixes K, M, B (or G) and T (powers of 1000). Each stage's batch must be a whole number of
+sequences of `--seq-length` tokens; the training loop asks `global_batch_size(consumed)` at
+every step, so a stage starts with the first step after its threshold is crossed.
+"""
+
+from dataclasses import dataclass
+from typing import List, Sequence
+
+_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+
+
+class BatchStageError(ValueError):
+    """A malformed or inconsistent stage list."""
+
+
+@dataclass(frozen=True)
+class BatchStage:
+    start_tokens: int          # the stage applies once this many tokens were consumed
+    batch_tokens: int          # tokens per global batch
+    global_batch_size: int     # the same in sequences
+
+    def describe(self) -> str:
+        return f"{format_tokens(self.start_tokens)}:{format_tokens(self.batch_tokens)}"
+
+
+def parse_tokens(text: str) -> int:
+    """'8.3T' -> 8_300_000_000_000."""
+    text = text.strip().upper()
+    suffix = text[-1] if text and text[-1] in _SUFFIX else ""
+    number = text[: len(text) - len(suffix)]
+    try:
+        value = float(number) * _SUFFIX[suffix]
+    except ValueError:
+        raise BatchStageError(f"{text!r} is not a token count like 64M or 8.3T") from None
+    if value < 0:
+        raise BatchStageError(f"{text!r} is negative")
+    return int(round(value))
+
+
+def format_tokens(count: int) -> str:
+    for suffix in ("T", "B", "M", "K"):
+        if count >= _SUFFIX[suffix] and count % (_SUFFIX[suffix] // 10 or 1) == 0:
+            return f"{count / _SUFFIX[suffix]:g}{suffix}"
+    return str(count)
+
+
+def parse_batch_stages(text: str, seq_length: int) -> List[BatchStage]:
+    """Parse 'START:BATCH,START:BATCH,...' (tokens); the first stage must start at 0."""
+    stages = []
+    for item in text.split(","):
+        if item.count(":") != 1:
+            raise BatchStageError(f"stage {item!r}: expected START_TOKENS:BATCH_TOKENS")
+        start, batch = (parse_tokens(part) for part in item.split(":"))
+        if batch <= 0:
+            raise BatchStageError(f"stage {item!r}: the batch must be positive")
+        if batch % seq_length:
+            raise BatchStageError(f"stage {item!r}: {batch} tokens is not a whole number of "
+                                  f"--seq-length {seq_length} sequences")
+        stages.append(BatchStage(start, batch, batch // seq_length))
+    if stages[0].start_tokens != 0:
+        raise BatchStageError(f"the first stage must start at 0 tokens, not "
+                              f"{format_tokens(stages[0].start_tokens)}")
+    for before, after in zip(stages, stages[1:]):
+        if after.start_tokens <= before.start_tokens:
+            raise BatchStageError(f"stage starts must increase: {before.describe()} then "
+                                  f"{after.describe()}")
+    return stages
+
+
+def global_batch_size(stages: Sequence[BatchStage], consumed_tokens: int) -> int:
+    """The global batch (sequences) of the step that starts after `consumed_tokens`."""
+    current = stages[0]
+    for stage in stages:
+        if consumed_tokens >= stage.start_tokens:
+            current = stage
+    return current.global_batch_size
+
+
+def total_samples(stages: Sequence[BatchStage], seq_length: int, iterations: int) -> int:
+    """Sequences consumed by `iterations` steps under the stage schedule."""
+    samples = 0
+    for _ in range(iterations):
+        samples += global_batch_size(stages, samples * seq_length)
+    return samples

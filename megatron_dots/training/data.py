@@ -1,0 +1,113 @@
+"""Training data: Megatron-Core GPT datasets from the pretrain flags, and micro-batch feeding.
+
+Datasets are built with Megatron-Core's `BlendedMegatronDatasetBuilder` (`--data-path` blends
+and `--split`) or its mock dataset (`--mock-data`). Sample order follows Megatron-LM's
+pretraining sampler: the global batch that starts at `consumed_samples` is the next
+`global_batch_size` samples, data-parallel rank `r` reads micro-batch `m` from samples
+`consumed + (m * dp + r) * mbs ...`; so resuming from a checkpoint's consumed-sample count
+continues the same sequence, and a global batch that grows (`--dots-batch-stages`) does too.
+"""
+
+from typing import Dict, List, Optional
+
+import torch
+
+from .arguments import ArgumentError, data_blend
+
+
+class DatasetTokenizer:
+    """What Megatron-Core's GPT datasets need of a tokenizer: eod, vocab size, an identity."""
+
+    def __init__(self, kind: str, eod: int, vocab_size: int, source: Optional[str] = None):
+        self.eod = eod
+        self.vocab_size = vocab_size
+        self.unique_identifiers = {"class": kind, "source": source, "vocab_size": vocab_size,
+                                   "eod": eod}
+
+
+def dataset_tokenizer(args) -> DatasetTokenizer:
+    """The tokenizer named by --tokenizer-type / --tokenizer-model / --vocab-size."""
+    if args.tokenizer_type == "NullTokenizer":
+        # As Megatron-LM's NullTokenizer: ids 0..N-1 are data, N is the end of a document.
+        return DatasetTokenizer("NullTokenizer", args.vocab_size, args.vocab_size + 1)
+    from ..data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer_model)
+    return DatasetTokenizer(args.tokenizer_type, tokenizer.eod, tokenizer.vocab_size,
+                            args.tokenizer_model)
+
+
+def build_datasets(args, tokenizer: DatasetTokenizer, train_samples: int, valid_samples: int):
+    """(train, valid) Megatron-Core GPT datasets with at least these many samples."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+    split = training_split(args.split)
+    if not args.mock_data:
+        check_splits(data_blend(args.data_path)[0], split, need_valid=valid_samples > 0)
+    config = GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=None if args.mock_data else data_blend(args.data_path),
+        split=split,
+        path_to_cache=args.data_cache_path,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        mmap_bin_files=True,
+    )
+    cls = MockGPTDataset if args.mock_data else GPTDataset
+    sizes = [train_samples, valid_samples, 0]
+    train, valid, _ = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+    return train, valid
+
+
+def training_split(split: str) -> str:
+    """--split without its test part: training never reads the test split, and Megatron-Core
+    spins forever building a split that holds no documents (gpt_dataset.py _get_num_epochs)."""
+    weights = (split.split(",") + ["0", "0"])[:3]
+    return ",".join(weights[:2] + ["0"])
+
+
+def check_splits(prefixes: List[str], split: str, need_valid: bool) -> None:
+    """Every dataset's train split (and valid split when validating) must hold a document."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for prefix in prefixes:
+        documents = len(IndexedDataset(prefix))
+        for index, name in ((0, "train"), (1, "validation")):
+            if index == 1 and not need_valid:
+                continue
+            bounds = matrix[index]
+            count = 0 if bounds is None else (int(round(bounds[1] * documents))
+                                              - int(round(bounds[0] * documents)))
+            if count <= 0:
+                hint = " or --eval-iters 0" if index == 1 else ""
+                raise ArgumentError(f"--data-path {prefix}: its {name} split holds no documents "
+                                    f"({documents} documents, --split {split}); change --split"
+                                    f"{hint}")
+
+
+def micro_batches(dataset, consumed_samples: int, global_batch_size: int, micro_batch_size: int,
+                  dp_rank: int, dp_size: int, device) -> List[Dict[str, torch.Tensor]]:
+    """This DP rank's micro-batches of the global batch starting at `consumed_samples`."""
+    count = global_batch_size // (micro_batch_size * dp_size)
+    batches = []
+    for m in range(count):
+        first = consumed_samples + (m * dp_size + dp_rank) * micro_batch_size
+        samples = [dataset[i] for i in range(first, first + micro_batch_size)]
+        batches.append({
+            key: torch.stack([s[key] for s in samples]).to(device)
+            for key in ("tokens", "labels", "loss_mask", "position_ids")
+        })
+    return batches
+

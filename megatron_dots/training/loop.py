@@ -1,0 +1,376 @@
+"""The pretraining loop: Megatron-Core model, DDP, optimizer, schedules, data, checkpoints, logs.
+
+`pretrain(args)` is what `megatron-dots pretrain` and `examples/pretrain_dots.py` run, on one
+process or under torchrun: set up Megatron-Core's parallel state from the flags, build this
+rank's dots model chunks, wrap them in Megatron-Core DDP (with `finalize_model_grads`, which
+reduces gradients and applies the router-bias update), resume from `--load`, then step through
+the global batches (`--global-batch-size` or the `--dots-batch-stages` schedule), logging like
+Megatron-LM, validating every `--eval-interval`, saving every `--save-interval`, and on
+SIGTERM when `--exit-signal-handler` is given. It returns a summary for callers (the demo).
+"""
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .arguments import ArgumentError
+from .batch_stages import global_batch_size
+from .checkpoint_format import iteration_dir
+from .optimizer import samples_after
+
+
+@dataclass
+class TrainState:
+    """Progress that a checkpoint carries across restarts."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_iters: int = 0
+    nan_iters: int = 0
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run reports to its caller."""
+
+    iteration: int
+    losses: List[Tuple[int, float]] = field(default_factory=list)
+    valid_losses: List[Tuple[int, float]] = field(default_factory=list)
+    saved: List[str] = field(default_factory=list)
+    stopped_by_signal: bool = False
+    seconds: float = 0.0
+
+
+class _SignalCatcher:
+    """Remembers SIGTERM/SIGINT so the loop can save after the current step."""
+
+    def __init__(self, enabled: bool):
+        self.received = None
+        self._previous = {}
+        if enabled:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1 if self.received else 0])
+        if torch.distributed.get_world_size() > 1:
+            flag = flag.to(_device())
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _device():
+    from ..compat.distributed import default_device
+
+    return default_device()
+
+
+def _is_logging_rank() -> bool:
+    return torch.distributed.get_rank() == 0
+
+
+def _print(text: str) -> None:
+    if _is_logging_rank():
+        print(text, flush=True)
+
+
+def setup_model_parallel(args) -> None:
+    """torch.distributed and Megatron-Core's parallel state for these flags; seeds."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+    )
+    # As Megatron-LM: pipeline stages draw from different streams, data-parallel ranks share.
+    seed = args.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    torch.manual_seed(seed)
+    import random
+
+    import numpy
+
+    random.seed(seed)
+    numpy.random.seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def transformer_config(args):
+    """The Megatron-Core TransformerConfig of the flags' model and layout."""
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    cuda = torch.cuda.is_available()
+    return args.dots_config.to_transformer_config(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        bf16=args.bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        # gloo: batched isend/irecv corrupts activations under PP (see DESIGN.md).
+        batch_p2p_comm=cuda,
+    )
+
+
+def build_model(args, config):
+    """This rank's model chunks wrapped in Megatron-Core DDP (bf16 via Float16Module)."""
+    from ..model import build_dots_model_chunks
+    from .step import wrap_with_ddp
+
+    chunks = build_dots_model_chunks(args.dots_config, config, backend=args.dots_expert_backend)
+    device = _device()
+    for chunk in chunks:
+        chunk.to(device)
+    if args.bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        chunks = [Float16Module(config, chunk) for chunk in chunks]
+    return wrap_with_ddp(chunks, config)
+
+
+def _resume(args, chunks, optimizer, scheduler) -> TrainState:
+    """Load --load into the model (and optimizer/scheduler/RNG unless told not to)."""
+    from .checkpoint_format import RELEASE, TRACKER, read_tracker, resolve_checkpoint_dir
+    from .checkpointing import load_checkpoint
+
+    if args.load is None:
+        return TrainState()
+    if (os.path.isdir(args.load) and read_tracker(args.load) is None
+            and not os.path.isfile(os.path.join(args.load, "metadata.json"))):
+        _print(f" no checkpoint in {args.load} (no {TRACKER}): starting from scratch")
+        return TrainState()
+    directory = resolve_checkpoint_dir(args.load)
+    from megatron.core import dist_checkpointing
+
+    dots = dist_checkpointing.load_common_state_dict(directory).get("dots", {})
+    saved = dots.get("config") or {}
+    ours = args.dots_config.architecture()
+    diffs = [f"{k} (checkpoint {saved[k]}, flags {ours[k]})" for k in ours
+             if k in saved and saved[k] != ours[k]]
+    if diffs:
+        raise ArgumentError(f"--load {args.load}: the checkpoint's model differs from the "
+                            f"flags' in {'; '.join(diffs)}")
+    weights_only = (args.finetune or os.path.basename(os.path.normpath(directory)) == RELEASE
+                    or not dots.get("training_state", False))
+    common = load_checkpoint(
+        chunks, directory,
+        optimizer=None if weights_only or args.no_load_optim else optimizer,
+        scheduler=None if weights_only or args.no_load_optim else scheduler,
+        load_rng=not args.no_load_rng,
+    )
+    dots = common.get("dots", dots)
+    if weights_only:
+        _print(f" loaded weights from {directory}; starting at iteration 0"
+               + ("" if args.finetune else " (the checkpoint has no optimizer state)"))
+        return TrainState()
+    state = TrainState(
+        iteration=int(common.get("iteration", 0)),
+        consumed_samples=int(dots.get("consumed_samples", 0)),
+        skipped_iters=int(dots.get("skipped_iters", 0)),
+        nan_iters=int(dots.get("nan_iters", 0)),
+    )
+    if args.no_load_optim:
+        scheduler.step(state.consumed_samples)  # keep the schedule where the run was
+    _print(f" resumed from {args.load} at iteration {state.iteration} "
+           f"({state.consumed_samples} samples consumed)")
+    return state
+
+
+def _save(args, chunks, optimizer, scheduler, state: TrainState, result: TrainResult) -> None:
+    from .checkpointing import save_checkpoint
+
+    start = time.time()
+    path = save_checkpoint(
+        chunks, args.save, state.iteration, args.dots_config, optimizer=optimizer,
+        scheduler=scheduler, consumed_samples=state.consumed_samples,
+        consumed_tokens=state.consumed_samples * args.seq_length,
+        skipped_iters=state.skipped_iters, nan_iters=state.nan_iters,
+    )
+    result.saved.append(path)
+    _print(f" saved checkpoint {path} in {time.time() - start:.1f} s")
+
+
+def _evaluate(args, chunks, valid, valid_round: int, dp_rank: int, dp_size: int) -> float:
+    from .data import micro_batches
+    from .step import forward_backward
+
+    gbs = args.global_batch_size or global_batch_size(args.batch_stages, 0)
+    for chunk in chunks:
+        chunk.eval()
+    losses = []
+    with torch.no_grad():
+        for k in range(args.eval_iters):
+            start = (valid_round * args.eval_iters + k) * gbs % max(1, len(valid) - gbs + 1)
+            batches = micro_batches(valid, start, gbs, args.micro_batch_size, dp_rank, dp_size,
+                                    _device())
+            losses.append(forward_backward(chunks, batches, args.seq_length,
+                                           args.micro_batch_size, forward_only=True))
+    for chunk in chunks:
+        chunk.train()
+    return sum(losses) / len(losses)
+
+
+def pretrain(args) -> TrainResult:
+    """Run the training the validated flags describe (see the module docstring)."""
+    from megatron.core import parallel_state
+
+    from ..telemetry.expert_load import ExpertLoadLogger, summarize
+    from .data import build_datasets, dataset_tokenizer, micro_batches
+    from .router_load import gather_expert_load
+    from .metrics import LossCSV, flops_per_token, log_line, memory_gib, tensorboard_writer
+    from .optimizer import build_optimizer, build_scheduler
+    from .step import train_step
+
+    setup_model_parallel(args)
+    try:
+        tokenizer = dataset_tokenizer(args)
+        cfg = args.dots_config
+        if tokenizer.vocab_size > cfg.vocab_size:
+            raise ArgumentError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                f"is {cfg.vocab_size}: raise --vocab-size / pick a preset that fits "
+                f"(--tokenizer-model {args.tokenizer_model})")
+        config = transformer_config(args)
+        chunks = build_model(args, config)
+        optimizer = build_optimizer(args, chunks)
+        scheduler = build_scheduler(args, optimizer)
+        state = _resume(args, chunks, optimizer, scheduler)
+
+        dp_rank = parallel_state.get_data_parallel_rank()
+        dp_size = parallel_state.get_data_parallel_world_size()
+        train_samples = samples_after(args, args.train_iters)
+        rounds = (args.train_iters // args.eval_interval + 1) if args.eval_iters else 0
+        largest = max(s.global_batch_size for s in args.batch_stages) if args.batch_stages \
+            else args.global_batch_size
+        train, valid = build_datasets(args, tokenizer, train_samples,
+                                      rounds * args.eval_iters * largest)
+        if valid is not None and len(valid) < largest:
+            valid = None  # a validation split too small for one batch
+        writer = tensorboard_writer(args.tensorboard_dir) if _is_logging_rank() else None
+        loss_csv = (LossCSV(args.dots_loss_csv, state.iteration)
+                    if args.dots_loss_csv and _is_logging_rank() else None)
+        experts = (ExpertLoadLogger(args.dots_expert_load_csv, writer)
+                   if _is_logging_rank() else None)
+        flops = flops_per_token(cfg, args.seq_length)
+        _print(f" dots model: {cfg.num_parameters()[0]:,} parameters "
+               f"({cfg.num_parameters()[1]:,} active per token); layout tp "
+               f"{args.tensor_model_parallel_size} pp {args.pipeline_model_parallel_size} "
+               f"vpp {args.virtual_pipeline_model_parallel_size or 1} ep "
+               f"{args.expert_model_parallel_size} dp {dp_size}; training "
+               f"{args.train_iters} iterations on {train_samples:,} samples")
+
+        result = TrainResult(iteration=state.iteration)
+        signals = _SignalCatcher(args.exit_signal_handler)
+        start = time.time()
+        window = {"time": time.time(), "tokens": 0, "iters": 0, "loss": 0.0}
+        valid_round = 0
+        try:
+            while state.iteration < args.train_iters:
+                gbs = (global_batch_size(args.batch_stages, state.consumed_samples
+                                         * args.seq_length)
+                       if args.batch_stages else args.global_batch_size)
+                batches = micro_batches(train, state.consumed_samples, gbs,
+                                        args.micro_batch_size, dp_rank, dp_size, _device())
+                loss, grad_norm = train_step(chunks, optimizer, batches, args.seq_length,
+                                             args.micro_batch_size)
+                state.iteration += 1
+                state.consumed_samples += gbs
+                if grad_norm is None:
+                    state.skipped_iters += 1
+                if loss != loss or (grad_norm is not None and grad_norm != grad_norm):
+                    state.nan_iters += 1
+                scheduler.step(gbs)
+                lr = optimizer.param_groups[0]["lr"]
+                result.losses.append((state.iteration, loss))
+                window["tokens"] += gbs * args.seq_length
+                window["iters"] += 1
+                window["loss"] += loss
+                if loss_csv:
+                    loss_csv.write(state.iteration, loss, lr, grad_norm, state.consumed_samples,
+                                   gbs)
+                if writer:
+                    writer.add_scalar("lm loss", loss, state.iteration)
+                    writer.add_scalar("learning-rate", lr, state.iteration)
+                    writer.add_scalar("batch-size", gbs, state.iteration)
+                    if grad_norm is not None:
+                        writer.add_scalar("grad-norm", grad_norm, state.iteration)
+                    writer.add_scalar("lm loss vs samples", loss, state.consumed_samples)
+
+                if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
+                    counts, bias, layers = gather_expert_load(chunks, config)
+                    if _is_logging_rank():
+                        elapsed = time.time() - window["time"]
+                        tokens_per_s = window["tokens"] / elapsed
+                        tflops = tokens_per_s * flops / torch.distributed.get_world_size() / 1e12
+                        memory = memory_gib()
+                        _print(log_line(state.iteration, args.train_iters,
+                                        state.consumed_samples,
+                                        1000 * elapsed / window["iters"], tflops, tokens_per_s,
+                                        lr, gbs, window["loss"] / window["iters"], grad_norm,
+                                        state.skipped_iters, state.nan_iters, memory))
+                        if writer:
+                            writer.add_scalar("throughput/tflops-per-gpu", tflops,
+                                              state.iteration)
+                            writer.add_scalar("throughput/tokens-per-second", tokens_per_s,
+                                              state.iteration)
+                            for name, value in memory.items():
+                                writer.add_scalar(f"memory/{name}", value, state.iteration)
+                        if layers:
+                            for alarm in experts.log(state.iteration,
+                                                     summarize(counts, bias, layers)):
+                                _print(f" WARNING: {alarm}")
+                        window = {"time": time.time(), "tokens": 0, "iters": 0, "loss": 0.0}
+
+                paused = time.time()  # validation and saving do not count as step time
+                if (valid is not None and args.eval_iters
+                        and state.iteration % args.eval_interval == 0):
+                    valid_loss = _evaluate(args, chunks, valid, valid_round, dp_rank, dp_size)
+                    valid_round += 1
+                    result.valid_losses.append((state.iteration, valid_loss))
+                    _print(f" validation at iteration {state.iteration} | lm loss: "
+                           f"{valid_loss:.6E}")
+                    if writer:
+                        writer.add_scalar("lm loss validation", valid_loss, state.iteration)
+
+                stop = signals.any_rank() if args.exit_signal_handler else False
+                exit_now = bool(args.exit_interval and state.iteration % args.exit_interval == 0)
+                if args.save and (stop or exit_now or (
+                        args.save_interval and state.iteration % args.save_interval == 0)):
+                    _save(args, chunks, optimizer, scheduler, state, result)
+                window["time"] += time.time() - paused
+                if stop or exit_now:
+                    result.stopped_by_signal = stop
+                    _print(f" exiting at iteration {state.iteration} "
+                           f"({'signal' if stop else '--exit-interval'})")
+                    break
+            else:
+                trained = bool(result.losses)
+                saved_last = bool(result.saved) and result.saved[-1] == iteration_dir(
+                    args.save or "", state.iteration)
+                if args.save and trained and not saved_last:
+                    _save(args, chunks, optimizer, scheduler, state, result)
+        finally:
+            signals.restore()
+            if loss_csv:
+                loss_csv.close()
+            if writer:
+                writer.close()
+        result.iteration = state.iteration
+        result.seconds = time.time() - start
+        return result
+    finally:
+        parallel_state.destroy_model_parallel()

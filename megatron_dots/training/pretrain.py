@@ -1,0 +1,46 @@
+"""`megatron-dots pretrain` / `examples/pretrain_dots.py`: parse, validate, train.
+
+The flags are validated before anything is started (no process group, no model), so a bad
+combination fails at once with a message naming the flags, on every rank alike.
+"""
+
+import os
+import sys
+from typing import List, Optional
+
+from .arguments import ArgumentError, parse_args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import megatron_dots  # noqa: F401  (compat patches before any megatron use)
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        args = parse_args(argv, world_size)
+    except ArgumentError as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+    from ..compat.distributed import init_distributed
+    from ..config import DotsConfigError
+    from ..convert.errors import CheckpointError
+    from .loop import pretrain
+
+    import torch
+
+    init_distributed(args.distributed_backend)
+    try:
+        result = pretrain(args)
+    except (ArgumentError, CheckpointError, DotsConfigError) as err:
+        if torch.distributed.get_rank() == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+    if torch.distributed.get_rank() == 0:
+        print(f" training ended at iteration {result.iteration} after "
+              f"{result.seconds:.1f} s" + (" (signal)" if result.stopped_by_signal else ""),
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
