@@ -3,14 +3,17 @@
 `--dots-batch-stages 0:64M,6T:96M,8.3T:128M` reads "from 0 tokens train with 64M-token
 batches, from 6T tokens with 96M, from 8.3T with 128M" (dots.llm1, section 4). Sizes take the
 suffixes K, M, B (or G) and T (powers of 1000). Each stage's batch must be a whole number of
-sequences of `--seq-length` tokens; the training loop asks `global_batch_size(consumed)` at
-every step, so a stage starts with the first step after its threshold is crossed.
+sequences of `--seq-length` tokens: the paper's 64M/96M/128M are binary millions
+(64Mi = 8192 sequences of 8192 tokens), written with the binary suffixes Ki, Mi, Gi, Ti.
+The training loop asks `global_batch_size(consumed)` at every step, so a stage starts with the
+first step after its threshold is crossed.
 """
 
 from dataclasses import dataclass
 from typing import List, Sequence
 
-_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12,
+           "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
 
 
 class BatchStageError(ValueError):
@@ -30,7 +33,9 @@ class BatchStage:
 def parse_tokens(text: str) -> int:
     """'8.3T' -> 8_300_000_000_000."""
     text = text.strip().upper()
-    suffix = text[-1] if text and text[-1] in _SUFFIX else ""
+    suffix = next((s for s in ("KI", "MI", "GI", "TI") if text.endswith(s)), "")
+    if not suffix and text and text[-1] in _SUFFIX:
+        suffix = text[-1]
     number = text[: len(text) - len(suffix)]
     try:
         value = float(number) * _SUFFIX[suffix]
@@ -42,9 +47,12 @@ def parse_tokens(text: str) -> int:
 
 
 def format_tokens(count: int) -> str:
-    for suffix in ("T", "B", "M", "K"):
-        if count >= _SUFFIX[suffix] and count % (_SUFFIX[suffix] // 10 or 1) == 0:
-            return f"{count / _SUFFIX[suffix]:g}{suffix}"
+    """The shortest exact spelling: 6T, 8.3T, 64Mi, 512."""
+    for suffix in ("T", "B", "M", "K", "TI", "GI", "MI", "KI"):
+        scale = _SUFFIX[suffix] if suffix.endswith("I") else _SUFFIX[suffix] // 100
+        if count >= _SUFFIX[suffix] and count % scale == 0:
+            value = count / _SUFFIX[suffix]
+            return f"{value:g}{suffix[0]}{'i' if suffix.endswith('I') else ''}"
     return str(count)
 
 
@@ -58,8 +66,15 @@ def parse_batch_stages(text: str, seq_length: int) -> List[BatchStage]:
         if batch <= 0:
             raise BatchStageError(f"stage {item!r}: the batch must be positive")
         if batch % seq_length:
+            hint = ""
+            binary = item.split(":")[1].strip().upper()
+            if binary and binary[-1] in "KMGT":
+                binary_tokens = parse_tokens(binary + "I")
+                if binary_tokens % seq_length == 0:
+                    hint = (f"; did you mean {item.split(':')[1].strip()}i = "
+                            f"{binary_tokens // seq_length} sequences?")
             raise BatchStageError(f"stage {item!r}: {batch} tokens is not a whole number of "
-                                  f"--seq-length {seq_length} sequences")
+                                  f"--seq-length {seq_length} sequences{hint}")
         stages.append(BatchStage(start, batch, batch // seq_length))
     if stages[0].start_tokens != 0:
         raise BatchStageError(f"the first stage must start at 0 tokens, not "
