@@ -1,12 +1,16 @@
-"""`megatron-dots demo`: train a tiny dots model on local text, then check it against transformers.
+"""`megatron-dots demo`: the whole workflow on a tiny dots model, on local text, no network.
 
-Runs anywhere with no network: the corpus is the documentation of Python's standard library
-(docstrings of the installed modules), tokenised as bytes. The model is the `dots-tiny` preset
-trained with Megatron-Core's schedule, DDP, finalize_model_grads (router-bias update) and Adam.
-At the end it saves a Megatron-Core torch_dist checkpoint, exports it with
-`convert mcore-to-hf` and loads the export in transformers' `Dots1ForCausalLM`, which must give
-the same logits, and generates a few bytes of text. With `--out`, the checkpoint (ckpt/), the
-HF model (hf/), the loss curve (CSV) and a summary (JSON) stay there.
+1. corpus: the documentation of Python's standard library (docstrings of installed modules),
+   one JSON line per docstring;
+2. a byte-level BPE tokenizer trained on it (`data.tokenizer.train_bpe_tokenizer`);
+3. `megatron-dots preprocess` into a Megatron indexed dataset (two worker processes);
+4. `megatron-dots pretrain` of the `dots-tiny` preset: the first half of the steps, a
+   checkpoint, then a second run that resumes from it and finishes (validation at the end);
+5. the expert-load heatmap and the loss curve as PNGs;
+6. `convert mcore-to-hf` with the tokenizer, `compare` (our logits vs transformers'
+   `Dots1ForCausalLM` on the export) and a greedy generation with transformers.
+
+Everything is written to `--out` (default: a temporary directory, removed at the end).
 """
 
 import argparse
@@ -21,10 +25,6 @@ import tempfile
 import time
 from typing import List, Optional
 
-import torch
-
-from .config import DotsConfig
-
 # Standard-library modules whose documentation makes the corpus (present in every CPython).
 _CORPUS_MODULES = (
     "argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "datetime",
@@ -35,7 +35,7 @@ _CORPUS_MODULES = (
 )
 
 
-def local_corpus(min_bytes: int = 200_000) -> bytes:
+def local_corpus(min_bytes: int = 200_000) -> List[str]:
     """Docstrings of standard-library modules, classes and functions, in a fixed order."""
     chunks: List[str] = []
     for name in _CORPUS_MODULES:
@@ -47,157 +47,148 @@ def local_corpus(min_bytes: int = 200_000) -> bytes:
             doc = inspect.getdoc(obj) if (obj is module or getattr(obj, "__module__", None) == name) else None
             if doc and len(doc) > 80:
                 chunks.append(doc.strip())
-    text = "\n\n".join(dict.fromkeys(chunks)).encode("utf-8")
-    if len(text) < min_bytes:
-        raise RuntimeError(f"only {len(text)} bytes of local documentation found; need {min_bytes}")
-    return text
-
-
-class ByteTokenizer:
-    """Bytes as token ids 1..256; id 0 is end-of-text."""
-
-    eos_id = 0
-
-    def encode(self, text: bytes) -> torch.Tensor:
-        return torch.frombuffer(bytearray(text), dtype=torch.uint8).long() + 1
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) - 1 for i in ids if 0 < int(i) <= 256).decode("utf-8", errors="replace")
+    documents = list(dict.fromkeys(chunks))
+    size = sum(len(d.encode("utf-8")) for d in documents)
+    if size < min_bytes:
+        raise RuntimeError(f"only {size} bytes of local documentation found; need {min_bytes}")
+    return documents
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="megatron-dots demo",
-        description="Train dots-tiny on local text with Megatron-Core, then compare it with "
-        "transformers' Dots1ForCausalLM.",
+        description="Tokenizer, preprocessing, pretraining with a save and resume, expert-load "
+        "heatmap, HF export and generation: dots-tiny on local text, CPU or GPU, no network.",
     )
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    parser.add_argument("--steps", type=int, default=300,
+                        help="optimizer steps in all (default 300); the run saves at half and "
+                        "resumes from there")
     parser.add_argument("--seq-length", type=int, default=64, help="tokens per sample")
     parser.add_argument("--micro-batch-size", type=int, default=8, help="samples per micro-batch")
     parser.add_argument("--micro-batches", type=int, default=2,
                         help="micro-batches per step (gradient accumulation)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak Adam learning rate")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     parser.add_argument("--seed", type=int, default=1234, help="random seed")
     parser.add_argument("--log-interval", type=int, default=25, help="steps between log lines")
     parser.add_argument("--out", default=None,
-                        help="directory to keep the checkpoint, HF export, loss CSV and summary "
-                        "JSON in (default: a temporary directory, deleted at the end)")
+                        help="directory for everything the demo makes (default: a temporary "
+                        "directory, deleted at the end)")
     args = parser.parse_args(argv)
     for flag in ("steps", "seq_length", "micro_batch_size", "micro_batches", "log_interval"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (the demo saves at half and resumes)")
     return args
+
+
+def pretrain_flags(args, work: str, data_prefix: str, tokenizer_dir: str) -> List[str]:
+    """The `megatron-dots pretrain` command line of the demo (printed for the user)."""
+    steps = args.steps
+    return [
+        "--dots-model", "dots-tiny", "--tokenizer-model", tokenizer_dir,
+        "--data-path", data_prefix, "--split", "95,5,0",
+        "--seq-length", str(args.seq_length), "--micro-batch-size", str(args.micro_batch_size),
+        "--global-batch-size", str(args.micro_batch_size * args.micro_batches),
+        "--train-iters", str(steps), "--lr", str(args.lr), "--min-lr", str(args.lr / 10),
+        # WSD as in the paper: warmup (10%), stable, linear anneal to 10% of peak (last 20%).
+        "--lr-decay-style", "WSD", "--lr-warmup-iters", str(max(1, steps // 10)),
+        "--lr-wsd-decay-iters", str(max(1, steps // 5)), "--seed", str(args.seed),
+        "--log-interval", str(args.log_interval), "--eval-interval", str(steps),
+        "--eval-iters", "4", "--save", os.path.join(work, "ckpt"),
+        "--load", os.path.join(work, "ckpt"), "--save-interval", str(steps // 2),
+        "--tensorboard-dir", os.path.join(work, "tensorboard"),
+        "--data-cache-path", os.path.join(work, "data", "cache"),
+    ]
 
 
 def run(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
-    from megatron.core import parallel_state
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    import torch
 
-    from .compat.distributed import default_device, init_distributed
+    from .compat.distributed import init_distributed
+    from .convert.compare import compare
     from .convert.mcore_to_hf import convert_mcore_to_hf
-    from .training.checkpointing import save_checkpoint
-    from .model import build_dots_model_chunks
-    from .training import train_step, wrap_with_ddp
+    from .data.preprocess import preprocess
+    from .data.tokenizer import train_bpe_tokenizer
+    from .telemetry.plots import plot_expert_heatmap, plot_loss_csv
+    from .training.arguments import parse_args as parse_pretrain_args
+    from .training.loop import pretrain
 
     init_distributed()
     if torch.distributed.get_world_size() != 1:
         raise SystemExit("megatron-dots demo runs as one process: start it without torchrun")
-    parallel_state.initialize_model_parallel(1, 1)
-    torch.manual_seed(args.seed)
-    model_parallel_cuda_manual_seed(args.seed)
+    work = os.path.abspath(args.out or tempfile.mkdtemp(prefix="megatron-dots-demo-"))
+    os.makedirs(work, exist_ok=True)
+    start = time.time()
 
-    tokenizer = ByteTokenizer()
-    data = tokenizer.encode(local_corpus())
-    split = int(len(data) * 0.95)
-    train_data, valid_data = data[:split], data[split:]
-    cfg = DotsConfig.preset("dots-tiny", max_position_embeddings=args.seq_length)
-    print(f"corpus: {len(data):,} bytes of standard-library documentation; model: dots-tiny "
-          f"({cfg.num_parameters()[0]:,} parameters, {cfg.num_parameters()[1]:,} active), "
-          f"{cfg.num_moe_experts} experts top-{cfg.moe_router_topk} + {cfg.num_shared_experts} "
-          "shared", flush=True)
+    documents = local_corpus()
+    corpus = os.path.join(work, "corpus.jsonl")
+    with open(corpus, "w", encoding="utf-8") as handle:
+        for doc in documents:
+            handle.write(json.dumps({"text": doc}) + "\n")
+    tokenizer_dir = train_bpe_tokenizer(documents, os.path.join(work, "tokenizer"),
+                                        vocab_size=512, overwrite=True)
+    print(f"[1/6] corpus: {len(documents):,} docstrings of the standard library "
+          f"({os.path.getsize(corpus):,} bytes) -> {corpus}; byte-level BPE tokenizer "
+          f"(512 tokens) -> {tokenizer_dir}", flush=True)
+    os.makedirs(os.path.join(work, "data"), exist_ok=True)
+    prefix = preprocess([corpus], tokenizer_dir, os.path.join(work, "data", "corpus"),
+                        workers=2, progress=False)["text"]
+    print(f"[2/6] preprocessed -> {prefix}.bin/.idx", flush=True)
 
-    tc = cfg.to_transformer_config()
-    chunks = wrap_with_ddp(build_dots_model_chunks(cfg, tc, backend="auto"), tc)
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=args.lr, min_lr=args.lr / 10, weight_decay=0.1,
-                        adam_beta1=0.9, adam_beta2=0.95, clip_grad=1.0,
-                        params_dtype=torch.float32),
-        chunks,
-    )
-    # WSD as in the paper: warmup (10%), stable, linear anneal to 10% of peak (last 20%).
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.lr / 10,
-        lr_warmup_steps=max(1, args.steps // 10), lr_decay_steps=args.steps,
-        lr_decay_style="WSD", lr_wsd_decay_style="linear",
-        wsd_decay_steps=max(1, args.steps // 5), start_wd=0.1, end_wd=0.1,
-        wd_incr_steps=args.steps, wd_incr_style="constant",
-    )
-    gen = torch.Generator().manual_seed(args.seed)
-    device = default_device()
+    flags = pretrain_flags(args, work, prefix, tokenizer_dir)
+    half = args.steps // 2
+    print(f"[3/6] megatron-dots pretrain {' '.join(flags)} --exit-interval {half}", flush=True)
+    first = pretrain(parse_pretrain_args(flags + ["--exit-interval", str(half)]))
+    print(f"[4/6] resuming from {first.saved[-1]}", flush=True)
+    second = pretrain(parse_pretrain_args(flags))
+    ckpt = os.path.join(work, "ckpt")
 
-    def sample(source, count):
-        starts = torch.randint(0, len(source) - args.seq_length - 1, (count,), generator=gen)
-        return torch.stack([source[s: s + args.seq_length + 1] for s in starts.tolist()])
+    heatmap = plot_expert_heatmap(os.path.join(ckpt, "expert_load.csv"),
+                                  os.path.join(work, "expert_load.png"))
+    loss_png = plot_loss_csv(os.path.join(ckpt, "losses.csv"), os.path.join(work, "loss.png"))
+    print(f"[5/6] expert-load heatmap -> {heatmap}; loss curve -> {loss_png}", flush=True)
 
-    history, start = [], time.time()
-    for step in range(args.steps):
-        batch = sample(train_data, args.micro_batch_size * args.micro_batches)
-        loss, grad_norm = train_step(
-            chunks, optimizer, batch.to(device).split(args.micro_batch_size), args.seq_length,
-            args.micro_batch_size,
-        )
-        scheduler.step(1)
-        history.append(loss)
-        if (step + 1) % args.log_interval == 0 or step == 0:
-            tokens_per_s = (step + 1) * batch.numel() / (time.time() - start)
-            print(f" step {step + 1:5d}/{args.steps} | loss {loss:.4f} | grad norm "
-                  f"{grad_norm:.3f} | {tokens_per_s:,.0f} tokens/s", flush=True)
+    hf_dir = convert_mcore_to_hf(ckpt, os.path.join(work, "hf"), tokenizer_dir=tokenizer_dir,
+                                 overwrite=True, progress=False)
+    check = compare(ckpt, hf_dir, batch=2, seq_length=args.seq_length, seed=args.seed)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # Save a Megatron torch_dist checkpoint and export it with the converter, as users do.
-    work = args.out or tempfile.mkdtemp(prefix="megatron-dots-demo-")
-    ckpt = save_checkpoint(chunks, os.path.join(work, "ckpt"), args.steps, cfg)
-    hf_dir = convert_mcore_to_hf(ckpt, os.path.join(work, "hf"), overwrite=True, progress=False)
-    print(f"saved the Megatron checkpoint {ckpt} and exported it to {hf_dir}")
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
-                                              attn_implementation="eager").eval()
-    valid = sample(valid_data, 4)[:, :-1]
-    model = chunks[0].module.eval()
-    with torch.no_grad():
-        on_device = valid.to(device)
-        positions = torch.arange(valid.shape[1], device=device).expand_as(on_device)
-        ours = model(on_device, positions, None)[..., : cfg.vocab_size].float().cpu()
-        theirs = hf(valid).logits
-        valid_loss = torch.nn.functional.cross_entropy(
-            theirs[:, :-1].reshape(-1, cfg.vocab_size), valid[:, 1:].reshape(-1)).item()
-    max_diff = (ours - theirs).abs().max().item()
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     prompt = "Return a new"
-    ids = tokenizer.encode(prompt.encode()).unsqueeze(0)
-    generated = hf.generate(ids, max_new_tokens=48, do_sample=False, eos_token_id=None,
-                            pad_token_id=tokenizer.eos_id)
-    text = tokenizer.decode(generated[0].tolist())
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    generated = hf.generate(ids, max_new_tokens=24, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id)
+    text = tokenizer.decode(generated[0], skip_special_tokens=True)
+    print(f"[6/6] exported to {hf_dir}; transformers vs Megatron logits: max |diff| "
+          f"{check.max_abs_diff:.2e}, cosine {check.cosine:.6f}, top-1 agreement "
+          f"{check.top1_agreement:.3f}", flush=True)
 
-    first, last = _mean(history[:10]), _mean(history[-10:])
+    losses = first.losses + second.losses
+    head, tail = _mean([l for _, l in losses[:10]]), _mean([l for _, l in losses[-10:]])
+    valid = second.valid_losses[-1][1] if second.valid_losses else float("nan")
+    resume_loss = dict(second.losses).get(half + 1)
     summary = {
-        "steps": args.steps, "first_loss": first, "last_loss": last, "valid_loss": valid_loss,
-        "uniform_loss": math.log(256), "hf_max_abs_logit_diff": max_diff,
-        "seconds": round(time.time() - start, 1), "generation": text,
+        "steps": args.steps, "resumed_at": half, "first_loss": head, "last_loss": tail,
+        "valid_loss": valid, "uniform_loss": math.log(512),
+        "loss_after_resume": resume_loss, "hf_max_abs_logit_diff": check.max_abs_diff,
+        "hf_top1_agreement": check.top1_agreement, "seconds": round(time.time() - start, 1),
+        "generation": text,
     }
-    print(f"loss {first:.3f} -> {last:.3f} (training, mean of 10 steps); held-out loss "
-          f"{valid_loss:.3f} (uniform over bytes: {math.log(256):.3f})")
-    print(f"transformers Dots1ForCausalLM on the exported weights: max |logit diff| = "
-          f"{max_diff:.2e}")
+    with open(os.path.join(work, "summary.json"), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    print(f"loss {head:.3f} -> {tail:.3f} (training, mean of 10 steps); held-out loss "
+          f"{valid:.3f} (uniform over the vocabulary: {math.log(512):.3f})")
     print(f"greedy generation: {text!r}")
     if args.out:
-        _write_outputs(args.out, history, summary)
-        print(f"wrote ckpt/, hf/, losses.csv and summary.json to {args.out}")
+        print(f"everything is in {work}: corpus.jsonl, tokenizer/, data/, ckpt/ (with "
+              "losses.csv and expert_load.csv), tensorboard/, expert_load.png, loss.png, hf/, "
+              f"summary.json ({summary['seconds']} s in all)")
     else:
         shutil.rmtree(work, ignore_errors=True)
-    parallel_state.destroy_model_parallel()
+        print(f"done in {summary['seconds']} s (pass --out DIR to keep what the demo makes)")
     return summary
 
 
@@ -205,15 +196,7 @@ def _mean(values):
     return sum(values) / len(values)
 
 
-def _write_outputs(out: str, history, summary) -> None:
-    with open(os.path.join(out, "losses.csv"), "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["step", "loss"])
-        writer.writerows(enumerate(history, start=1))
-    with open(os.path.join(out, "summary.json"), "w") as handle:
-        json.dump(summary, handle, indent=2)
-
-
 def main(argv=None) -> int:
     summary = run(argv)
-    return 0 if summary["hf_max_abs_logit_diff"] <= 1e-4 else 1
+    ok = summary["hf_max_abs_logit_diff"] <= 1e-3 and summary["last_loss"] < summary["first_loss"]
+    return 0 if ok else 1

@@ -66,6 +66,8 @@ _MODEL_ARGS = (
     ("make_vocab_size_divisible_by", "make_vocab_size_divisible_by",
      "--make-vocab-size-divisible-by"),
 )
+# Set by the preset defaults; absent, the dots extra_args_provider did not run.
+_REQUIRED_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "num_experts")
 # Flags that take part in the DotsConfig but map to it less directly.
 _DERIVED_ARGS = ("num_query_groups", "group_query_attention", "moe_layer_freq",
                  "moe_shared_expert_intermediate_size", "moe_aux_loss_coeff",
@@ -200,7 +202,8 @@ def dots_config_from_args(args) -> DotsConfig:
     preset = getattr(args, "dots_model", None)
     if not preset:
         raise DotsArgumentError("--dots-model is not set")
-    missing = [flag for _, dest, flag in _MODEL_ARGS[:8] if getattr(args, dest, None) is None]
+    missing = [flag for _, dest, flag in _MODEL_ARGS
+               if dest in _REQUIRED_ARGS and getattr(args, dest, None) is None]
     if missing:
         raise DotsArgumentError(
             f"--dots-model {preset}: {', '.join(missing)} not set; the preset fills them in "

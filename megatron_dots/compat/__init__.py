@@ -58,8 +58,11 @@ def _announce() -> None:
         return
     if os.environ.get("RANK", "0") != "0":
         return
-    if multiprocessing.parent_process() is not None:
-        return  # a helper process (e.g. megatron-core's checkpoint writer) re-importing us
+    if (multiprocessing.parent_process() is not None
+            or getattr(multiprocessing.current_process(), "_inheriting", False)):
+        # A helper process (e.g. megatron-core's checkpoint writer, or the spawned manager of
+        # its results queue while it re-imports the parent's main module) importing us.
+        return
     if versions.HAVE_TE and not cpu_backend_active():
         return
     print(backend_summary(), file=sys.stderr)

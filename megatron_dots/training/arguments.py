@@ -252,9 +252,11 @@ def validate_args(args, world_size: int) -> None:
                             f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size "
                             f"{pp}")
     dp = data_parallel_size(args, world_size)
-    if (dp * tp) % ep:
-        raise ArgumentError(f"--expert-model-parallel-size {ep} must divide data parallel size "
-                            f"{dp} x --tensor-model-parallel-size {tp} (world size {world_size})")
+    if dp % ep:
+        # Megatron-Core's expert grid: expert TP (= TP) x EP x PP must divide the world.
+        raise ArgumentError(f"--expert-model-parallel-size {ep} must divide the data parallel "
+                            f"size {dp} (world size {world_size} / --tensor-model-parallel-size "
+                            f"{tp} / --pipeline-model-parallel-size {pp})")
     if (args.num_layers_per_virtual_pipeline_stage is not None
             and args.virtual_pipeline_model_parallel_size is not None):
         raise ArgumentError("give --num-layers-per-virtual-pipeline-stage or "
@@ -368,7 +370,10 @@ def validate_args(args, world_size: int) -> None:
                             "weights 'train,valid,test' with train > 0")
 
     # Checkpointing.
-    if args.load is not None and not os.path.exists(args.load):
+    same_as_save = args.save is not None and args.load is not None and (
+        os.path.abspath(args.load) == os.path.abspath(args.save))
+    if args.load is not None and not os.path.exists(args.load) and not same_as_save:
+        # (--load equal to --save is the auto-resume idiom: the first job finds nothing.)
         raise ArgumentError(f"--load {args.load}: no such checkpoint directory")
     if args.save_interval is not None and args.save is None:
         raise ArgumentError("--save-interval needs --save DIR")

@@ -149,7 +149,8 @@ def _resume(args, chunks, optimizer, scheduler) -> TrainState:
 
     if args.load is None:
         return TrainState()
-    if (os.path.isdir(args.load) and read_tracker(args.load) is None
+    if not os.path.exists(args.load) or (
+            os.path.isdir(args.load) and read_tracker(args.load) is None
             and not os.path.isfile(os.path.join(args.load, "metadata.json"))):
         _print(f" no checkpoint in {args.load} (no {TRACKER}): starting from scratch")
         return TrainState()
