@@ -14,7 +14,6 @@ Everything is written to `--out` (default: a temporary directory, removed at the
 """
 
 import argparse
-import csv
 import importlib
 import inspect
 import json

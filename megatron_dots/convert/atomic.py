@@ -34,7 +34,7 @@ def atomic_directory(target: str, overwrite: bool = False) -> Iterator[str]:
     os.makedirs(partial)
     try:
         yield partial
-        _fsync_dir(partial)
+        fsync_path(partial)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -49,7 +49,7 @@ def promote_directory(complete: str, target: str) -> None:
     if os.path.exists(target):
         os.rename(target, old)
     os.rename(complete, target)
-    _fsync_dir(parent)
+    fsync_path(parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -63,7 +63,8 @@ def atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_path(path: str) -> None:
+    """fsync a file or a directory (its entries) by path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -21,6 +21,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy
 
+from ..convert.atomic import fsync_path
 from .tokenizer import TokenizerError, load_tokenizer
 
 CHUNKSIZE = 64  # lines per task sent to a worker
@@ -267,13 +268,13 @@ def _promote(partial: Dict[str, str], final: Dict[str, str]) -> None:
 
     for tmp in partial.values():
         for path in (get_bin_path(tmp), get_idx_path(tmp)):
-            _fsync(path)
+            fsync_path(path)
     for key, tmp in partial.items():
         with contextlib.suppress(FileNotFoundError):
             os.remove(get_idx_path(final[key]))
         os.replace(get_bin_path(tmp), get_bin_path(final[key]))
         os.replace(get_idx_path(tmp), get_idx_path(final[key]))
-    _fsync(os.path.dirname(os.path.abspath(next(iter(final.values())))))
+    fsync_path(os.path.dirname(os.path.abspath(next(iter(final.values())))))
 
 
 def _remove_partial(prefixes) -> None:
@@ -281,14 +282,6 @@ def _remove_partial(prefixes) -> None:
         for path in (prefix + ".bin", prefix + ".idx"):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---- command line ----------------------------------------------------------------------------

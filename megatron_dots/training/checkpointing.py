@@ -13,7 +13,7 @@ optimizer) load with ``optimizer=None``.
 import os
 import random
 import shutil
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Sequence
 
 import numpy
 import torch

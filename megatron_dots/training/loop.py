@@ -13,7 +13,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 
@@ -139,7 +139,12 @@ def build_model(args, config):
         from megatron.core.transformer.module import Float16Module
 
         chunks = [Float16Module(config, chunk) for chunk in chunks]
-    return wrap_with_ddp(chunks, config)
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=args.use_distributed_optimizer)
+    return wrap_with_ddp(chunks, config, ddp_config)
 
 
 def _resume(args, chunks, optimizer, scheduler) -> TrainState:
