@@ -12,14 +12,24 @@ mkdir -p "$DIR/wheels" "$SITE"
 
 if ! PYTHONPATH="$SITE" "$PY" -c "import sys, megatron.core as m; sys.exit(m.__version__ != '$MCORE_VERSION')" 2>/dev/null; then
   # The wheel is tagged cp312 (Requires-Python >=3.12) but is pure Python apart from
-  # megatron/core/datasets/helpers_cpp*.so, which our code does not use; unpack it instead of
-  # installing it so it also loads on Python 3.11.
+  # megatron/core/datasets/helpers_cpp*.so; unpack it instead of installing it so it also
+  # loads on Python 3.11 (the dataset helpers are rebuilt for this Python below).
   "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$DIR/wheels" "megatron-core==$MCORE_VERSION"
   rm -rf "$SITE/megatron"
   "$PY" -m zipfile -e "$DIR"/wheels/megatron_core-"$MCORE_VERSION"-*.whl "$DIR/unpacked"
   cp -r "$DIR/unpacked/megatron" "$SITE/"
+fi
+
+if ! PYTHONPATH="$SITE" "$PY" -c "import megatron.core.datasets.helpers_cpp" 2>/dev/null; then
+  # GPTDataset's index helpers (C++ with pybind11), compiled for this Python from the wheel's
+  # own helpers.cpp, as megatron-core's datasets/Makefile does.
+  "$PY" -m pip install --quiet --target "$DIR/pybind11" pybind11
+  DATASETS="$SITE/megatron/core/datasets"
+  read -r INCLUDES SUFFIX < <(PYTHONPATH="$DIR/pybind11" "$PY" -c "import pybind11, sysconfig
+print(f\"-I{pybind11.get_include()} -I{sysconfig.get_paths()['include']}\".replace(' ', ':'), sysconfig.get_config_var('EXT_SUFFIX'))")
+  g++ -O3 -Wall -shared -std=c++11 -fPIC ${INCLUDES//:/ } "$DATASETS/helpers.cpp" -o "$DATASETS/helpers_cpp$SUFFIX"
 fi
 
 if ! PYTHONPATH="$SITE" "$PY" -c "import triton" 2>/dev/null; then

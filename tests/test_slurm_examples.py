@@ -136,7 +136,7 @@ def test_dots_mini_layout_validates(paths, cuda, with_data):
 
 def test_an_invalid_layout_fails_validation(paths, cuda):
     """The check above catches a broken script: EP 7 (divides neither the 128 experts nor
-    DP x TP), EP 32 (TP 8 x EP 32 x PP 2 = 512 GPUs for an expert grid on 256), PP 4 (62
+    DP), EP 32 (TP 8 x EP 32 x PP 2 = 512 GPUs for an expert grid on 256), PP 4 (62
     layers do not split into 4 stages)."""
     name = "dots_llm1.sbatch"
     argv = printed_args(name, paths)

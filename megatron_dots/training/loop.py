@@ -21,6 +21,7 @@ from .arguments import ArgumentError
 from .batch_stages import global_batch_size
 from .checkpoint_format import iteration_dir
 from .optimizer import samples_after
+from .reporting import Reporter, log
 
 
 @dataclass
@@ -74,15 +75,6 @@ def _device():
     from ..compat.distributed import default_device
 
     return default_device()
-
-
-def _is_logging_rank() -> bool:
-    return torch.distributed.get_rank() == 0
-
-
-def _print(text: str) -> None:
-    if _is_logging_rank():
-        print(text, flush=True)
 
 
 def setup_model_parallel(args) -> None:
@@ -157,7 +149,7 @@ def _resume(args, chunks, optimizer, scheduler) -> TrainState:
     if not os.path.exists(args.load) or (
             os.path.isdir(args.load) and read_tracker(args.load) is None
             and not os.path.isfile(os.path.join(args.load, "metadata.json"))):
-        _print(f" no checkpoint in {args.load} (no {TRACKER}): starting from scratch")
+        log(f" no checkpoint in {args.load} (no {TRACKER}): starting from scratch")
         return TrainState()
     directory = resolve_checkpoint_dir(args.load)
     from megatron.core import dist_checkpointing
@@ -180,7 +172,7 @@ def _resume(args, chunks, optimizer, scheduler) -> TrainState:
     )
     dots = common.get("dots", dots)
     if weights_only:
-        _print(f" loaded weights from {directory}; starting at iteration 0"
+        log(f" loaded weights from {directory}; starting at iteration 0"
                + ("" if args.finetune else " (the checkpoint has no optimizer state)"))
         return TrainState()
     state = TrainState(
@@ -191,7 +183,7 @@ def _resume(args, chunks, optimizer, scheduler) -> TrainState:
     )
     if args.no_load_optim:
         scheduler.step(state.consumed_samples)  # keep the schedule where the run was
-    _print(f" resumed from {args.load} at iteration {state.iteration} "
+    log(f" resumed from {args.load} at iteration {state.iteration} "
            f"({state.consumed_samples} samples consumed)")
     return state
 
@@ -207,7 +199,7 @@ def _save(args, chunks, optimizer, scheduler, state: TrainState, result: TrainRe
         skipped_iters=state.skipped_iters, nan_iters=state.nan_iters,
     )
     result.saved.append(path)
-    _print(f" saved checkpoint {path} in {time.time() - start:.1f} s")
+    log(f" saved checkpoint {path} in {time.time() - start:.1f} s")
 
 
 def _evaluate(args, chunks, valid, valid_round: int, dp_rank: int, dp_size: int) -> float:
@@ -234,10 +226,7 @@ def pretrain(args) -> TrainResult:
     """Run the training the validated flags describe (see the module docstring)."""
     from megatron.core import parallel_state
 
-    from ..telemetry.expert_load import ExpertLoadLogger, summarize
     from .data import build_datasets, dataset_tokenizer, micro_batches
-    from .router_load import gather_expert_load
-    from .metrics import LossCSV, flops_per_token, log_line, memory_gib, tensorboard_writer
     from .optimizer import build_optimizer, build_scheduler
     from .step import train_step
 
@@ -266,23 +255,17 @@ def pretrain(args) -> TrainResult:
                                       rounds * args.eval_iters * largest)
         if valid is not None and len(valid) < largest:
             valid = None  # a validation split too small for one batch
-        writer = tensorboard_writer(args.tensorboard_dir) if _is_logging_rank() else None
-        loss_csv = (LossCSV(args.dots_loss_csv, state.iteration)
-                    if args.dots_loss_csv and _is_logging_rank() else None)
-        experts = (ExpertLoadLogger(args.dots_expert_load_csv, writer)
-                   if _is_logging_rank() else None)
-        flops = flops_per_token(cfg, args.seq_length)
-        _print(f" dots model: {cfg.num_parameters()[0]:,} parameters "
-               f"({cfg.num_parameters()[1]:,} active per token); layout tp "
-               f"{args.tensor_model_parallel_size} pp {args.pipeline_model_parallel_size} "
-               f"vpp {args.virtual_pipeline_model_parallel_size or 1} ep "
-               f"{args.expert_model_parallel_size} dp {dp_size}; training "
-               f"{args.train_iters} iterations on {train_samples:,} samples")
+        log(f" dots model: {cfg.num_parameters()[0]:,} parameters "
+            f"({cfg.num_parameters()[1]:,} active per token); layout tp "
+            f"{args.tensor_model_parallel_size} pp {args.pipeline_model_parallel_size} "
+            f"vpp {args.virtual_pipeline_model_parallel_size or 1} ep "
+            f"{args.expert_model_parallel_size} dp {dp_size}; training "
+            f"{args.train_iters} iterations on {train_samples:,} samples")
 
         result = TrainResult(iteration=state.iteration)
+        reporter = Reporter(args, config, state.iteration)
         signals = _SignalCatcher(args.exit_signal_handler)
         start = time.time()
-        window = {"time": time.time(), "tokens": 0, "iters": 0, "loss": 0.0}
         valid_round = 0
         try:
             while state.iteration < args.train_iters:
@@ -300,81 +283,36 @@ def pretrain(args) -> TrainResult:
                 if loss != loss or (grad_norm is not None and grad_norm != grad_norm):
                     state.nan_iters += 1
                 scheduler.step(gbs)
-                lr = optimizer.param_groups[0]["lr"]
                 result.losses.append((state.iteration, loss))
-                window["tokens"] += gbs * args.seq_length
-                window["iters"] += 1
-                window["loss"] += loss
-                if loss_csv:
-                    loss_csv.write(state.iteration, loss, lr, grad_norm, state.consumed_samples,
-                                   gbs)
-                if writer:
-                    writer.add_scalar("lm loss", loss, state.iteration)
-                    writer.add_scalar("learning-rate", lr, state.iteration)
-                    writer.add_scalar("batch-size", gbs, state.iteration)
-                    if grad_norm is not None:
-                        writer.add_scalar("grad-norm", grad_norm, state.iteration)
-                    writer.add_scalar("lm loss vs samples", loss, state.consumed_samples)
-
-                if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
-                    counts, bias, layers = gather_expert_load(chunks, config)
-                    if _is_logging_rank():
-                        elapsed = time.time() - window["time"]
-                        tokens_per_s = window["tokens"] / elapsed
-                        tflops = tokens_per_s * flops / torch.distributed.get_world_size() / 1e12
-                        memory = memory_gib()
-                        _print(log_line(state.iteration, args.train_iters,
-                                        state.consumed_samples,
-                                        1000 * elapsed / window["iters"], tflops, tokens_per_s,
-                                        lr, gbs, window["loss"] / window["iters"], grad_norm,
-                                        state.skipped_iters, state.nan_iters, memory))
-                        if writer:
-                            writer.add_scalar("throughput/tflops-per-gpu", tflops,
-                                              state.iteration)
-                            writer.add_scalar("throughput/tokens-per-second", tokens_per_s,
-                                              state.iteration)
-                            for name, value in memory.items():
-                                writer.add_scalar(f"memory/{name}", value, state.iteration)
-                        if layers:
-                            for alarm in experts.log(state.iteration,
-                                                     summarize(counts, bias, layers)):
-                                _print(f" WARNING: {alarm}")
-                        window = {"time": time.time(), "tokens": 0, "iters": 0, "loss": 0.0}
-
-                paused = time.time()  # validation and saving do not count as step time
-                if (valid is not None and args.eval_iters
-                        and state.iteration % args.eval_interval == 0):
-                    valid_loss = _evaluate(args, chunks, valid, valid_round, dp_rank, dp_size)
-                    valid_round += 1
-                    result.valid_losses.append((state.iteration, valid_loss))
-                    _print(f" validation at iteration {state.iteration} | lm loss: "
-                           f"{valid_loss:.6E}")
-                    if writer:
-                        writer.add_scalar("lm loss validation", valid_loss, state.iteration)
+                reporter.step(state, loss, optimizer.param_groups[0]["lr"], grad_norm, gbs,
+                              chunks)
 
                 stop = signals.any_rank() if args.exit_signal_handler else False
                 exit_now = bool(args.exit_interval and state.iteration % args.exit_interval == 0)
-                if args.save and (stop or exit_now or (
-                        args.save_interval and state.iteration % args.save_interval == 0)):
-                    _save(args, chunks, optimizer, scheduler, state, result)
-                window["time"] += time.time() - paused
+                with reporter.paused():
+                    if (valid is not None and args.eval_iters
+                            and state.iteration % args.eval_interval == 0):
+                        valid_loss = _evaluate(args, chunks, valid, valid_round, dp_rank,
+                                               dp_size)
+                        valid_round += 1
+                        result.valid_losses.append((state.iteration, valid_loss))
+                        reporter.validation(state.iteration, valid_loss)
+                    if args.save and (stop or exit_now or (
+                            args.save_interval and state.iteration % args.save_interval == 0)):
+                        _save(args, chunks, optimizer, scheduler, state, result)
                 if stop or exit_now:
                     result.stopped_by_signal = stop
-                    _print(f" exiting at iteration {state.iteration} "
-                           f"({'signal' if stop else '--exit-interval'})")
+                    log(f" exiting at iteration {state.iteration} "
+                        f"({'signal' if stop else '--exit-interval'})")
                     break
             else:
-                trained = bool(result.losses)
                 saved_last = bool(result.saved) and result.saved[-1] == iteration_dir(
                     args.save or "", state.iteration)
-                if args.save and trained and not saved_last:
+                if args.save and result.losses and not saved_last:
                     _save(args, chunks, optimizer, scheduler, state, result)
         finally:
             signals.restore()
-            if loss_csv:
-                loss_csv.close()
-            if writer:
-                writer.close()
+            reporter.close()
         result.iteration = state.iteration
         result.seconds = time.time() - start
         return result

@@ -1,0 +1,111 @@
+"""Everything a training run reports, on the logging rank: the per-step loss CSV and
+TensorBoard scalars, the Megatron-LM log line every `--log-interval` (with the expert-load
+telemetry, gathered from all ranks), and validation results.
+
+Every rank makes a `Reporter` and calls it at the same points (the telemetry gather is a
+collective); only global rank 0 writes. Time spent validating and saving is excluded from
+the per-iteration time, as Megatron-LM's timers do.
+"""
+
+import contextlib
+import time
+
+import torch
+
+from .metrics import LossCSV, flops_per_token, log_line, memory_gib, tensorboard_writer
+
+
+def is_logging_rank() -> bool:
+    return torch.distributed.get_rank() == 0
+
+
+def log(text: str) -> None:
+    """Print on the logging rank."""
+    if is_logging_rank():
+        print(text, flush=True)
+
+
+class Reporter:
+    def __init__(self, args, model_config, start_iteration: int):
+        from ..telemetry.expert_load import ExpertLoadLogger
+
+        self.args = args
+        self.model_config = model_config
+        self.flops = flops_per_token(args.dots_config, args.seq_length)
+        writer = loss_csv = experts = None
+        if is_logging_rank():
+            writer = tensorboard_writer(args.tensorboard_dir)
+            if args.dots_loss_csv:
+                loss_csv = LossCSV(args.dots_loss_csv, start_iteration)
+            experts = ExpertLoadLogger(args.dots_expert_load_csv, writer)
+        self.writer, self.loss_csv, self.experts = writer, loss_csv, experts
+        self._reset_window()
+
+    def _reset_window(self):
+        self.window = {"time": time.time(), "tokens": 0, "iters": 0, "loss": 0.0}
+
+    def step(self, state, loss, lr, grad_norm, global_batch, chunks) -> None:
+        """After every optimizer step (all ranks)."""
+        args, iteration = self.args, state.iteration
+        self.window["tokens"] += global_batch * args.seq_length
+        self.window["iters"] += 1
+        self.window["loss"] += loss
+        if self.loss_csv:
+            self.loss_csv.write(iteration, loss, lr, grad_norm, state.consumed_samples,
+                                global_batch)
+        if self.writer:
+            self.writer.add_scalar("lm loss", loss, iteration)
+            self.writer.add_scalar("learning-rate", lr, iteration)
+            self.writer.add_scalar("batch-size", global_batch, iteration)
+            if grad_norm is not None:
+                self.writer.add_scalar("grad-norm", grad_norm, iteration)
+            self.writer.add_scalar("lm loss vs samples", loss, state.consumed_samples)
+        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            self._interval(state, lr, grad_norm, global_batch, chunks)
+
+    def _interval(self, state, lr, grad_norm, global_batch, chunks) -> None:
+        from ..telemetry.expert_load import summarize
+        from .router_load import gather_expert_load
+
+        counts, bias, layers = gather_expert_load(chunks, self.model_config)  # collective
+        if not is_logging_rank():
+            self._reset_window()
+            return
+        window, iteration = self.window, state.iteration
+        elapsed = time.time() - window["time"]
+        tokens_per_s = window["tokens"] / elapsed
+        tflops = tokens_per_s * self.flops / torch.distributed.get_world_size() / 1e12
+        memory = memory_gib()
+        log(log_line(iteration, self.args.train_iters, state.consumed_samples,
+                     1000 * elapsed / window["iters"], tflops, tokens_per_s, lr, global_batch,
+                     window["loss"] / window["iters"], grad_norm, state.skipped_iters,
+                     state.nan_iters, memory))
+        if self.writer:
+            self.writer.add_scalar("throughput/tflops-per-gpu", tflops, iteration)
+            self.writer.add_scalar("throughput/tokens-per-second", tokens_per_s, iteration)
+            for name, value in memory.items():
+                self.writer.add_scalar(f"memory/{name}", value, iteration)
+        if layers:
+            for alarm in self.experts.log(iteration, summarize(counts, bias, layers)):
+                log(f" WARNING: {alarm}")
+        self._reset_window()
+
+    def validation(self, iteration: int, loss: float) -> None:
+        log(f" validation at iteration {iteration} | lm loss: {loss:.6E}")
+        if self.writer:
+            self.writer.add_scalar("lm loss validation", loss, iteration)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Validation and checkpointing inside do not count as step time."""
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.window["time"] += time.time() - start
+
+    def close(self) -> None:
+        if self.loss_csv:
+            self.loss_csv.close()
+        if self.writer:
+            self.writer.close()
