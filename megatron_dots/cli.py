@@ -158,7 +158,8 @@ DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 
 
 COMMANDS = {
-    "demo": (_demo, "train dots-tiny on local text on CPU/GPU and check it against transformers"),
+    "demo": (_demo, "the whole workflow on dots-tiny and local text: tokenizer, preprocess, "
+             "pretrain + resume, heatmap, HF export, generation"),
     "info": (_info, "show a preset or HF config: shape and parameter counts"),
     "convert": (_convert, "hf-to-mcore / mcore-to-hf checkpoint conversion (streaming, CPU)"),
     "compare": (_compare, "logits of a Megatron checkpoint vs an HF model; exit 1 if they differ"),

@@ -86,7 +86,7 @@ def build_parser(prog: str = "megatron-dots pretrain") -> argparse.ArgumentParse
         if flag.startswith("--dots-"):
             continue
         model.add_argument(flag, type=kind, default=None, dest=field,
-                           help=f"DotsConfig.{field}")
+                           help=f"DotsConfig.{field} (default: the --dots-model preset's)")
     add_dots_args(parser)
 
     par = parser.add_argument_group("parallelism")
