@@ -12,7 +12,7 @@ import os
 from typing import List, Optional
 
 from ..config import PRESETS, DotsConfig, DotsConfigError
-from .batch_stages import BatchStageError, parse_batch_stages
+from .batch_stages import BatchStageError, fixed_batch, parse_batch_stages
 
 
 class ArgumentError(ValueError):
@@ -210,9 +210,8 @@ def model_config(args) -> DotsConfig:
     try:
         return DotsConfig.preset(args.dots_model or "dots.llm1", **overrides)
     except DotsConfigError as err:
-        flags = {f: flag for f, (flag, _) in MODEL_FLAGS.items()}
         message = str(err)
-        for field, flag in flags.items():
+        for field, (flag, _) in MODEL_FLAGS.items():
             message = message.replace(f"DotsConfig.{field}", f"{flag} (DotsConfig.{field})")
         raise ArgumentError(message) from None
 
@@ -296,9 +295,9 @@ def validate_args(args, world_size: int) -> None:
         batches = [(f"--dots-batch-stages stage {s.describe()}", s.global_batch_size)
                    for s in stages]
     else:
-        stages = None
         if args.global_batch_size is None:
             args.global_batch_size = unit
+        stages = fixed_batch(args.global_batch_size, args.seq_length)
         batches = [("--global-batch-size", args.global_batch_size)]
     for what, batch in batches:
         if batch % unit:
@@ -400,9 +399,7 @@ def validate_args(args, world_size: int) -> None:
 def _check_data_path(items: List[str]) -> None:
     """Megatron-LM blend syntax: PREFIX ... or WEIGHT PREFIX WEIGHT PREFIX ...; every prefix
     must have its .bin and .idx."""
-    weighted = len(items) % 2 == 0 and all(_is_number(w) for w in items[::2])
-    prefixes = items[1::2] if weighted else items
-    for prefix in prefixes:
+    for prefix in data_blend(items)[0]:
         if _is_number(prefix):
             raise ArgumentError(f"--data-path {' '.join(items)}: expected PREFIX ... or WEIGHT "
                                 "PREFIX WEIGHT PREFIX ...")

@@ -96,8 +96,21 @@ def global_batch_size(stages: Sequence[BatchStage], consumed_tokens: int) -> int
 
 
 def total_samples(stages: Sequence[BatchStage], seq_length: int, iterations: int) -> int:
-    """Sequences consumed by `iterations` steps under the stage schedule."""
-    samples = 0
-    for _ in range(iterations):
-        samples += global_batch_size(stages, samples * seq_length)
+    """Sequences consumed by `iterations` steps under the stage schedule (whole stretches of
+    equal batches at a time, so long schedules cost one step per stage)."""
+    samples, left = 0, iterations
+    while left > 0:
+        tokens = samples * seq_length
+        batch = global_batch_size(stages, tokens)
+        upcoming = [s.start_tokens for s in stages if s.start_tokens > tokens]
+        steps = left
+        if upcoming:  # steps until the next stage's threshold is reached
+            steps = min(left, -(-(upcoming[0] - tokens) // (batch * seq_length)))
+        samples += steps * batch
+        left -= steps
     return samples
+
+
+def fixed_batch(global_batch_size: int, seq_length: int) -> List[BatchStage]:
+    """The one-stage schedule of a constant --global-batch-size."""
+    return [BatchStage(0, global_batch_size * seq_length, global_batch_size)]

@@ -32,11 +32,13 @@ from .checkpoint_format import (
 )
 
 
+def _model_keys(num_chunks: int):
+    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+
+
 def _model_entries(chunks: Sequence[torch.nn.Module]) -> Dict[str, Any]:
-    if len(chunks) == 1:
-        return {"model": unwrap_model(chunks[0]).sharded_state_dict()}
-    return {f"model{i}": unwrap_model(chunk).sharded_state_dict()
-            for i, chunk in enumerate(chunks)}
+    return {key: unwrap_model(chunk).sharded_state_dict()
+            for key, chunk in zip(_model_keys(len(chunks)), chunks)}
 
 
 # Megatron-LM's metadata for new checkpoints: optimizer keys without chain prefixes.
@@ -158,8 +160,7 @@ def load_checkpoint(
         if load_rng and same_layout:
             state["rng_state"] = _rng_entry()
     loaded = dist_checkpointing.load(state, directory)
-    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-    for key, chunk in zip(keys, chunks):
+    for key, chunk in zip(_model_keys(len(chunks)), chunks):
         unwrap_model(chunk).load_state_dict(loaded.pop(key))
     if optimizer is not None:
         optimizer.load_state_dict(loaded.pop("optimizer"))

@@ -173,7 +173,7 @@ def _resume(args, chunks, optimizer, scheduler) -> TrainState:
     dots = common.get("dots", dots)
     if weights_only:
         log(f" loaded weights from {directory}; starting at iteration 0"
-               + ("" if args.finetune else " (the checkpoint has no optimizer state)"))
+            + ("" if args.finetune else " (the checkpoint has no optimizer state)"))
         return TrainState()
     state = TrainState(
         iteration=int(common.get("iteration", 0)),
@@ -184,7 +184,7 @@ def _resume(args, chunks, optimizer, scheduler) -> TrainState:
     if args.no_load_optim:
         scheduler.step(state.consumed_samples)  # keep the schedule where the run was
     log(f" resumed from {args.load} at iteration {state.iteration} "
-           f"({state.consumed_samples} samples consumed)")
+        f"({state.consumed_samples} samples consumed)")
     return state
 
 
@@ -206,7 +206,7 @@ def _evaluate(args, chunks, valid, valid_round: int, dp_rank: int, dp_size: int)
     from .data import micro_batches
     from .step import forward_backward
 
-    gbs = args.global_batch_size or global_batch_size(args.batch_stages, 0)
+    gbs = global_batch_size(args.batch_stages, 0)
     for chunk in chunks:
         chunk.eval()
     losses = []
@@ -249,8 +249,7 @@ def pretrain(args) -> TrainResult:
         dp_size = parallel_state.get_data_parallel_world_size()
         train_samples = samples_after(args, args.train_iters)
         rounds = (args.train_iters // args.eval_interval + 1) if args.eval_iters else 0
-        largest = max(s.global_batch_size for s in args.batch_stages) if args.batch_stages \
-            else args.global_batch_size
+        largest = max(s.global_batch_size for s in args.batch_stages)
         train, valid = build_datasets(args, tokenizer, train_samples,
                                       rounds * args.eval_iters * largest)
         if valid is not None and len(valid) < largest:
@@ -269,9 +268,8 @@ def pretrain(args) -> TrainResult:
         valid_round = 0
         try:
             while state.iteration < args.train_iters:
-                gbs = (global_batch_size(args.batch_stages, state.consumed_samples
-                                         * args.seq_length)
-                       if args.batch_stages else args.global_batch_size)
+                gbs = global_batch_size(args.batch_stages,
+                                        state.consumed_samples * args.seq_length)
                 batches = micro_batches(train, state.consumed_samples, gbs,
                                         args.micro_batch_size, dp_rank, dp_size, _device())
                 loss, grad_norm = train_step(chunks, optimizer, batches, args.seq_length,

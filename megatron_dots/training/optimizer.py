@@ -26,9 +26,7 @@ def build_optimizer(args, chunks):
 
 def samples_after(args, iterations: int) -> int:
     """Samples consumed by the first `iterations` steps."""
-    if args.batch_stages:
-        return total_samples(args.batch_stages, args.seq_length, iterations)
-    return iterations * args.global_batch_size
+    return total_samples(args.batch_stages, args.seq_length, iterations)
 
 
 def build_scheduler(args, optimizer):
