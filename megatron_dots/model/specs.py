@@ -33,11 +33,17 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from ..compat.mcore_api import DotsTransformerLayer, experts_spec
 from ..compat.versions import HAVE_TE
+from ..recompute.layer import PlannedRecomputeLayer
 from .moe import DotsMoELayer
 from .norm import DotsRMSNorm
 from .router import DotsRouter
 
 EXPERT_BACKENDS = ("auto", "te", "sequential")
+
+
+class DotsDecoderLayer(PlannedRecomputeLayer, DotsTransformerLayer):
+    """A dots decoder layer: Megatron-Core's TransformerLayer whose recompute the
+    input-aware planner can switch per micro-batch (`recompute.layer`)."""
 
 
 class DotsLocalSpecProvider(LocalSpecProvider):
@@ -129,7 +135,7 @@ def get_dots_layer_spec(moe: bool, backend: str = "auto") -> ModuleSpec:
         )
         pre_mlp_norm = IdentityOp if fused else norm
     return ModuleSpec(
-        module=DotsTransformerLayer,
+        module=DotsDecoderLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=IdentityOp if fused else norm,
             self_attention=_attention_spec(provider, fused),

@@ -71,6 +71,17 @@ def add_dots_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--dots-loss-csv", default=None, metavar="FILE",
                        help="per-iteration loss/lr/grad-norm CSV (default: SAVE/losses.csv "
                        "when --save is given)")
+    group.add_argument("--dots-recompute-budget-gb", type=float, default=None, metavar="GIB",
+                       help="per-GPU memory budget in GiB (2^30 bytes) for parameters, "
+                       "gradients, optimizer state and activations; turns on the input-aware "
+                       "recompute planner, which recomputes per micro-batch only the layers "
+                       "(or their attention / MLP) that its predicted peak needs. Default: "
+                       "no activation recompute")
+    group.add_argument("--dots-recompute-bucket", type=int, default=256, metavar="TOKENS",
+                       help="sequence lengths are rounded up to a multiple of this for planning; "
+                       "plans are cached per bucket (default 256)")
+    group.add_argument("--dots-recompute-margin", type=float, default=0.05, metavar="FRACTION",
+                       help="safety margin on predicted activation bytes (default 0.05 = 5%%)")
     return parser
 
 
@@ -227,6 +238,18 @@ def data_parallel_size(args, world_size: int) -> int:
     return world_size // (args.tensor_model_parallel_size * args.pipeline_model_parallel_size)
 
 
+def _check_recompute_args(args) -> None:
+    budget = getattr(args, "dots_recompute_budget_gb", None)
+    if budget is not None and not budget > 0:
+        raise ArgumentError(f"--dots-recompute-budget-gb must be positive GiB, got {budget}")
+    if getattr(args, "dots_recompute_bucket", 1) < 1:
+        raise ArgumentError(f"--dots-recompute-bucket must be >= 1 token, got "
+                            f"{args.dots_recompute_bucket}")
+    if not 0 <= getattr(args, "dots_recompute_margin", 0) < 1:
+        raise ArgumentError(f"--dots-recompute-margin must be in [0, 1), got "
+                            f"{args.dots_recompute_margin}")
+
+
 def validate_args(args, world_size: int) -> None:
     """Fill derived values (args.dots_config, data_parallel_size, vpp, batch stages, ...) and
     reject every combination that cannot work, naming the flags."""
@@ -277,6 +300,7 @@ def validate_args(args, world_size: int) -> None:
         cfg.check_parallel_layout(tp, pp, ep, vpp, flags={"vpp": vpp_flag})
     except DotsConfigError as err:
         raise ArgumentError(str(err)) from None
+    _check_recompute_args(args)
     if args.sequence_parallel and tp == 1:
         raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if args.seq_length > cfg.max_position_embeddings:

@@ -139,6 +139,36 @@ def build_model(args, config):
     return wrap_with_ddp(chunks, config, ddp_config)
 
 
+def build_recompute(args, config, chunks):
+    """The input-aware recompute planner for --dots-recompute-budget-gb, or None."""
+    if args.dots_recompute_budget_gb is None:
+        return None
+    from megatron.core import parallel_state
+
+    from ..recompute import RecomputeController, activation_budget, static_bytes
+
+    dp = parallel_state.get_data_parallel_world_size()
+    static = static_bytes(
+        chunks, grad_reduce_in_fp32=True, distributed_optimizer=args.use_distributed_optimizer,
+        data_parallel_size=dp, expert_data_parallel_size=dp // args.expert_model_parallel_size)
+    # Tensor- and expert-parallel peers must plan alike: take the largest static estimate.
+    static_t = torch.tensor([static], dtype=torch.int64, device=_device())
+    for group in (parallel_state.get_tensor_model_parallel_group(),
+                  parallel_state.get_expert_model_parallel_group()):
+        if torch.distributed.get_world_size(group) > 1:
+            torch.distributed.all_reduce(static_t, op=torch.distributed.ReduceOp.MAX, group=group)
+    static = int(static_t.item())
+    try:
+        budget = activation_budget(args.dots_recompute_budget_gb, static)
+    except ValueError as err:
+        raise ArgumentError(str(err)) from None
+    log(f" recompute planner: budget {args.dots_recompute_budget_gb:g} GiB = parameters, "
+        f"gradients and Adam state {static / 2**30:.2f} GiB + activations "
+        f"{budget / 2**30:.2f} GiB; first steps calibrate (every layer recomputes)")
+    return RecomputeController(chunks, config, budget, bucket_tokens=args.dots_recompute_bucket,
+                               margin=args.dots_recompute_margin)
+
+
 def _resume(args, chunks, optimizer, scheduler) -> TrainState:
     """Load --load into the model (and optimizer/scheduler/RNG unless told not to)."""
     from .checkpoint_format import RELEASE, TRACKER, read_tracker, resolve_checkpoint_dir
@@ -244,6 +274,7 @@ def pretrain(args) -> TrainResult:
         optimizer = build_optimizer(args, chunks)
         scheduler = build_scheduler(args, optimizer)
         state = _resume(args, chunks, optimizer, scheduler)
+        recompute = build_recompute(args, config, chunks)
 
         dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = parallel_state.get_data_parallel_world_size()
@@ -273,7 +304,7 @@ def pretrain(args) -> TrainResult:
                 batches = micro_batches(train, state.consumed_samples, gbs,
                                         args.micro_batch_size, dp_rank, dp_size, _device())
                 loss, grad_norm = train_step(chunks, optimizer, batches, args.seq_length,
-                                             args.micro_batch_size)
+                                             args.micro_batch_size, recompute=recompute)
                 state.iteration += 1
                 state.consumed_samples += gbs
                 if grad_norm is None:
@@ -283,7 +314,7 @@ def pretrain(args) -> TrainResult:
                 scheduler.step(gbs)
                 result.losses.append((state.iteration, loss))
                 reporter.step(state, loss, optimizer.param_groups[0]["lr"], grad_norm, gbs,
-                              chunks)
+                              chunks, recompute)
 
                 stop = signals.any_rank() if args.exit_signal_handler else False
                 exit_now = bool(args.exit_interval and state.iteration % args.exit_interval == 0)

@@ -44,7 +44,7 @@ class Reporter:
     def _reset_window(self):
         self.window = {"time": time.time(), "tokens": 0, "iters": 0, "loss": 0.0}
 
-    def step(self, state, loss, lr, grad_norm, global_batch, chunks) -> None:
+    def step(self, state, loss, lr, grad_norm, global_batch, chunks, recompute=None) -> None:
         """After every optimizer step (all ranks)."""
         args, iteration = self.args, state.iteration
         self.window["tokens"] += global_batch * args.seq_length
@@ -61,9 +61,9 @@ class Reporter:
                 self.writer.add_scalar("grad-norm", grad_norm, iteration)
             self.writer.add_scalar("lm loss vs samples", loss, state.consumed_samples)
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
-            self._interval(state, lr, grad_norm, global_batch, chunks)
+            self._interval(state, lr, grad_norm, global_batch, chunks, recompute)
 
-    def _interval(self, state, lr, grad_norm, global_batch, chunks) -> None:
+    def _interval(self, state, lr, grad_norm, global_batch, chunks, recompute=None) -> None:
         from ..telemetry.expert_load import summarize
         from .router_load import gather_expert_load
 
@@ -85,6 +85,12 @@ class Reporter:
             self.writer.add_scalar("throughput/tokens-per-second", tokens_per_s, iteration)
             for name, value in memory.items():
                 self.writer.add_scalar(f"memory/{name}", value, iteration)
+        if recompute is not None:
+            window_stats = recompute.take_window()
+            log(f" {recompute.describe(window_stats)}")
+            if self.writer:
+                for name, value in window_stats.items():
+                    self.writer.add_scalar(f"recompute/{name}", value, iteration)
         if layers:
             for alarm in self.experts.log(iteration, summarize(counts, bias, layers)):
                 log(f" WARNING: {alarm}")

@@ -69,10 +69,12 @@ def forward_backward(
     seq_length: int,
     micro_batch_size: int,
     forward_only: bool = False,
+    recompute=None,
 ) -> float:
     """Zero the gradients, then forward + backward over this DP rank's micro-batches; the
     schedule ends with `finalize_model_grads` (gradient reduction, router-bias update).
-    With `forward_only`, only the forward (chunks need not be DDP-wrapped).
+    With `forward_only`, only the forward (chunks need not be DDP-wrapped). `recompute`, a
+    `recompute.RecomputeController`, chooses each micro-batch's activation recompute.
 
     Returns the mean loss over the global batch, known on every rank.
     """
@@ -81,8 +83,12 @@ def forward_backward(
         if not forward_only:
             chunk.zero_grad_buffer()
     iterators = [iter(micro_batches) for _ in chunks]
+    forward_step_func = gpt_forward_step
+    if recompute is not None:
+        recompute.begin_step(micro_batches, forward_only=forward_only)
+        forward_step_func = recompute.wrap(gpt_forward_step)
     losses = get_forward_backward_func()(
-        forward_step_func=gpt_forward_step,
+        forward_step_func=forward_step_func,
         data_iterator=iterators if len(chunks) > 1 else iterators[0],
         model=list(chunks) if len(chunks) > 1 else chunks[0],
         num_microbatches=len(micro_batches),
@@ -90,6 +96,8 @@ def forward_backward(
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
+    if recompute is not None:
+        recompute.end_step()
     return global_mean_loss(losses)
 
 
@@ -99,10 +107,13 @@ def train_step(
     micro_batches: Iterable[torch.Tensor],
     seq_length: int,
     micro_batch_size: int,
+    recompute=None,
 ) -> Tuple[float, Optional[float]]:
     """`forward_backward` then an optimizer step: (global mean loss, grad norm or None)."""
     optimizer.zero_grad()
-    loss = forward_backward(chunks, micro_batches, seq_length, micro_batch_size)
+    loss = forward_backward(
+        chunks, micro_batches, seq_length, micro_batch_size, recompute=recompute
+    )
     _, grad_norm, _ = optimizer.step()
     return loss, grad_norm
 

@@ -1,0 +1,276 @@
+"""`RecomputeController`: the planner applied to a training step, measuring as it goes.
+
+Per step (`begin_step` before the schedule, `end_step` after it):
+
+1. the micro-batch shapes are taken from the batches, raised to the largest shape among the
+   expert-parallel peers (an MoE layer's recompute repeats its all-to-all, so EP peers must
+   decide alike, and its experts' memory depends on the peers' tokens) and bucketed;
+2. a shape the memory model does not cover yet (not measured, or longer than any measured)
+   makes the step a *calibration* step: every layer recomputes fully (the least memory) and
+   measures, during its recomputation, what it would keep without recompute; the measurements
+   of all ranks are merged (maxima), so every rank fits the same model;
+3. otherwise the planner's plan for the step's buckets is applied per micro-batch and chunk by
+   the wrapped forward step, which also counts the bytes actually saved, so the prediction
+   error is reported as training goes (and on CUDA the allocator's peak).
+"""
+
+from collections import Counter
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .budget import GIB
+from .layer import decoder_layers, set_modes
+from .measure import OUTSIDE, SavedBytes
+from .memory_model import ActivationMemoryModel
+from .planner import ChunkLayout, RecomputeCosts, RecomputePlanner, StepPlan
+from .schedule_order import schedule_events
+from .shapes import MicroBatchShape, bucket, shape_of
+
+
+def attention_kind(chunks) -> str:
+    """``unfused`` for Megatron-Core's local `DotProductAttention` (keeps b x s^2 scores per
+    head), ``flash`` for fused kernels (TE, SDPA)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    for chunk in chunks:
+        for layer in decoder_layers(chunk):
+            core = layer.self_attention.core_attention
+            return "unfused" if isinstance(core, DotProductAttention) else "flash"
+    return "flash"
+
+
+def _unwrap(chunk):
+    while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
+        chunk = chunk.module
+    return chunk
+
+
+def chunk_layout(chunk) -> ChunkLayout:
+    model = _unwrap(chunk)
+    kinds = tuple("moe" if layer.is_moe else "dense" for layer in decoder_layers(chunk))
+    role = "+".join(r for r, on in (("pre", model.pre_process), ("post", model.post_process)) if on)
+    return ChunkLayout(kinds, f"chunk:{role or 'mid'}")
+
+
+class RecomputeController:
+    """See the module docstring. `budget_bytes` is the activation budget of this rank."""
+
+    def __init__(
+        self,
+        chunks: Sequence[torch.nn.Module],
+        config,
+        budget_bytes: float,
+        *,
+        bucket_tokens: int = 256,
+        margin: float = 0.05,
+        min_points: int = 3,
+        attention: Optional[str] = None,
+    ):
+        self.chunks = list(chunks)
+        self.config = config
+        self.bucket_tokens = bucket_tokens
+        self.min_points = min_points
+        for chunk in self.chunks:
+            for layer in decoder_layers(chunk):
+                layer.install_recompute_regions()
+        self.layouts = [chunk_layout(c) for c in self.chunks]
+        self._kind_of: List[Dict[int, str]] = [
+            {layer.layer_number: ("moe" if layer.is_moe else "dense") for layer in decoder_layers(c)}
+            for c in self.chunks
+        ]
+        self.model = ActivationMemoryModel(attention or attention_kind(self.chunks))
+        self.planner = RecomputePlanner(
+            self.model, RecomputeCosts.from_config(config), self.layouts, budget_bytes, margin
+        )
+        self._params = [list(c.parameters()) for c in self.chunks]
+        self.plan: Optional[StepPlan] = None
+        self.history: List[dict] = []
+        self._window_start = 0
+        self._counters: Dict[Tuple[int, int], SavedBytes] = {}
+        self.applied: Dict[Tuple[int, int], Tuple[str, ...]] = {}  # (micro-batch, chunk) -> modes
+        self.buckets: List[MicroBatchShape] = []
+        self._shapes: List[MicroBatchShape] = []
+        self._planning: List[MicroBatchShape] = []
+        self._next: List[int] = []
+
+    # -- per step ---------------------------------------------------------------------------
+    def begin_step(self, micro_batches: Sequence, forward_only: bool = False) -> Optional[StepPlan]:
+        self._counters = {}
+        self.applied = {}
+        self._next = [0] * len(self.chunks)
+        if forward_only:
+            self.plan = None
+            return None
+        self._shapes = [shape_of(b) for b in micro_batches]
+        self._planning = self._expert_group_max(self._shapes)
+        self.buckets = buckets = [bucket(s, self.bucket_tokens) for s in self._planning]
+        if not all(self.model.covers(s, self.min_points) for s in self._planning):
+            self.plan = self.planner.calibration_step(buckets)
+        else:
+            self.plan = self.planner.plan_step(buckets, self._events(len(buckets)))
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        return self.plan
+
+    def wrap(self, forward_step_func: Callable) -> Callable:
+        """The schedule's forward step, applying this step's plan to each micro-batch."""
+
+        def forward_step(data_iterator, model):
+            chunk = self._chunk_index(model)
+            if self.plan is None:
+                set_modes(model, None)
+                return forward_step_func(data_iterator, model)
+            mb = self._next[chunk]
+            self._next[chunk] += 1
+            modes = self.plan.modes(mb, chunk)
+            set_modes(model, list(modes), calibrate=self.plan.calibrate)
+            self.applied[(mb, chunk)] = modes
+            counter = SavedBytes(self._params[chunk])
+            self._counters[(mb, chunk)] = counter
+            with counter.counting():
+                return forward_step_func(data_iterator, model)
+
+        return forward_step
+
+    def end_step(self) -> Optional[dict]:
+        plan, self.plan = self.plan, None
+        if plan is None:
+            return None
+        record = {"calibration": plan.calibrate, "predicted_peak": plan.predicted_peak}
+        if plan.calibrate:
+            self._learn()
+            record["model"] = self.model.describe()
+        else:
+            record.update(self._check(plan))
+        if torch.cuda.is_available():
+            record["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
+        self.history.append(record)
+        return record
+
+    # -- internals --------------------------------------------------------------------------
+    def _chunk_index(self, model) -> int:
+        for i, chunk in enumerate(self.chunks):
+            if chunk is model:
+                return i
+        raise ValueError("forward step called with a model chunk the controller does not know")
+
+    def _events(self, num_microbatches: int):
+        from megatron.core import parallel_state
+
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        vpp = len(self.chunks) if len(self.chunks) > 1 else None
+        return schedule_events(
+            num_microbatches,
+            pp_size=pp,
+            pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+            vpp_size=vpp,
+            group_size=getattr(self.config, "microbatch_group_size_per_vp_stage", None),
+        )
+
+    def _expert_group_max(self, shapes: List[MicroBatchShape]) -> List[MicroBatchShape]:
+        from megatron.core import parallel_state
+
+        if not torch.distributed.is_initialized():
+            return list(shapes)
+        group = parallel_state.get_expert_model_parallel_group()
+        if torch.distributed.get_world_size(group) == 1:
+            return list(shapes)
+        from ..compat.distributed import default_device
+
+        dims = torch.tensor(
+            [[s.micro_batch_size, s.seq_length] for s in shapes], dtype=torch.int64,
+            device=default_device(),
+        )
+        torch.distributed.all_reduce(dims, op=torch.distributed.ReduceOp.MAX, group=group)
+        return [MicroBatchShape(int(b), int(s)) for b, s in dims.tolist()]
+
+    def _samples(self) -> Dict[Tuple[str, int, int], Dict[str, int]]:
+        samples: Dict[Tuple[str, int, int], Dict[str, int]] = {}
+
+        def add(kind, shape, values):
+            slot = samples.setdefault((kind, shape.micro_batch_size, shape.seq_length), {})
+            for q, n in values.items():
+                slot[q] = max(slot.get(q, 0), n)
+
+        for (mb, chunk), counter in self._counters.items():
+            shape = self._planning[mb]
+            for layer_number, kind in self._kind_of[chunk].items():
+                add(kind, shape, counter.layer_bytes(layer_number))
+            add(self.layouts[chunk].role, shape, {"outside": counter.bytes.get(OUTSIDE, 0)})
+        return samples
+
+    def _learn(self) -> None:
+        samples = self._samples()
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, samples)
+        else:
+            gathered = [samples]
+        for part in gathered:
+            self.model.merge(part)
+        self.planner.reset()
+
+    def _check(self, plan: StepPlan) -> dict:
+        """The memory model's prediction for the micro-batches' own shapes (not their buckets,
+        no safety margin) under the modes applied, against the bytes they saved."""
+        worst, recomputed, layers = 0.0, 0, 0
+        for (mb, chunk), counter in self._counters.items():
+            item = plan.items[mb][chunk]
+            predicted = self.predicted_bytes(chunk, item.modes, self._shapes[mb])
+            measured = counter.total()
+            worst = max(worst, abs(predicted - measured) / max(measured, 1))
+            recomputed += sum(m != "none" for m in item.modes)
+            layers += len(item.modes)
+        return {
+            "modes": dict(Counter(m for modes in self.applied.values() for m in modes)),
+            "max_prediction_error": worst,
+            "recomputed_layer_share": recomputed / max(layers, 1),
+            "recompute_flops": plan.recompute_flops,
+            "fits": plan.fits,
+        }
+
+    def predicted_bytes(self, chunk: int, modes: Sequence[str], shape: MicroBatchShape) -> float:
+        """Activation bytes the model predicts for `chunk` on `shape` with these layer modes."""
+        layout = self.layouts[chunk]
+        total = self.model.outside_bytes(layout.role, shape)
+        for kind, mode in zip(layout.layer_kinds, modes):
+            total += self.model.layer_bytes(kind, mode, shape)[0]
+        return total
+
+    def take_window(self) -> Dict[str, float]:
+        """Summary of the steps since the last call: calibration steps, the share of layer
+        passes that recomputed, the worst prediction error, steps predicted not to fit, and
+        the predicted (and on CUDA the allocator's) peak."""
+        records, self._window_start = self.history[self._window_start:], len(self.history)
+        planned = [r for r in records if not r["calibration"]]
+        out = {"steps": float(len(records)), "calibration_steps": float(len(records) - len(planned))}
+        if planned:
+            out["recomputed_layer_share"] = sum(r["recomputed_layer_share"] for r in planned) / len(planned)
+            out["max_prediction_error"] = max(r["max_prediction_error"] for r in planned)
+            out["steps_over_budget"] = float(sum(not r["fits"] for r in planned))
+            out["predicted_peak_gib"] = max(r["predicted_peak"] for r in planned) / GIB
+        peaks = [r["cuda_max_allocated"] for r in records if "cuda_max_allocated" in r]
+        if peaks:
+            out["allocator_peak_gib"] = max(peaks) / GIB
+        return out
+
+    def describe(self, window: Dict[str, float]) -> str:
+        """One log line for a `take_window` summary."""
+        text = f"recompute planner: {int(window['steps'])} steps"
+        if window["calibration_steps"]:
+            text += (f" ({int(window['calibration_steps'])} calibrating: every layer recomputed;"
+                     f" memory model: {self.model.describe()})")
+        if "recomputed_layer_share" in window:
+            text += (
+                f" | layer passes recomputed {100 * window['recomputed_layer_share']:.0f}%"
+                f" | predicted activation peak {window['predicted_peak_gib']:.2f} of"
+                f" {self.planner.budget / GIB:.2f} GiB"
+                f" | prediction error <= {100 * window['max_prediction_error']:.1f}%"
+            )
+            if window["steps_over_budget"]:
+                text += (f" | WARNING: {int(window['steps_over_budget'])} steps exceed the budget"
+                         " even with every layer recomputed")
+        if "allocator_peak_gib" in window:
+            text += f" | allocator peak {window['allocator_peak_gib']:.2f} GiB"
+        return text
