@@ -47,12 +47,17 @@ def static_bytes(
     return int(total)
 
 
+def format_bytes(n: float) -> str:
+    """GiB with two decimals, or MiB below one GiB."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+
+
 def activation_budget(budget_gib: float, static: int) -> float:
     """Bytes left for activations from a per-GPU budget of `budget_gib` GiB."""
     left = budget_gib * GIB - static
     if left <= 0:
         raise ValueError(
             f"--dots-recompute-budget-gb {budget_gib:g} leaves nothing for activations: this "
-            f"rank's parameters, gradients and optimizer state take {static / GIB:.2f} GiB"
+            f"rank's parameters, gradients and optimizer state take {format_bytes(static)}"
         )
     return left

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .budget import GIB
+from .budget import GIB, format_bytes
 from .layer import decoder_layers, set_modes
 from .measure import OUTSIDE, SavedBytes
 from .memory_model import ActivationMemoryModel
@@ -264,13 +264,13 @@ class RecomputeController:
         if "recomputed_layer_share" in window:
             text += (
                 f" | layer passes recomputed {100 * window['recomputed_layer_share']:.0f}%"
-                f" | predicted activation peak {window['predicted_peak_gib']:.2f} of"
-                f" {self.planner.budget / GIB:.2f} GiB"
+                f" | predicted activation peak {format_bytes(window['predicted_peak_gib'] * GIB)}"
+                f" of {format_bytes(self.planner.budget)}"
                 f" | prediction error <= {100 * window['max_prediction_error']:.1f}%"
             )
             if window["steps_over_budget"]:
                 text += (f" | WARNING: {int(window['steps_over_budget'])} steps exceed the budget"
                          " even with every layer recomputed")
         if "allocator_peak_gib" in window:
-            text += f" | allocator peak {window['allocator_peak_gib']:.2f} GiB"
+            text += f" | allocator peak {format_bytes(window['allocator_peak_gib'] * GIB)}"
         return text

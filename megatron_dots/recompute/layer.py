@@ -25,7 +25,7 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
-from .measure import active_counter, tensor_bytes
+from .measure import active_counter
 
 MODES = ("none", "core_attn", "mlp", "core_attn+mlp", "full")
 
@@ -63,7 +63,7 @@ class PlannedRecomputeLayer:
                 module._dots_region = None
                 return None
             if torch.is_grad_enabled():
-                counter.record(self.layer_number, recorded, tensor_bytes((args, kwargs)))
+                counter.record_inputs(self.layer_number, recorded, (args, kwargs))
             module._dots_region = counter.region(self.layer_number, name)
             module._dots_region.__enter__()
             return None

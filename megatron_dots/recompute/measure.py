@@ -10,7 +10,7 @@ Bytes go to the region open when the tensor is saved: `(layer, region)` where re
 the layer), `input` (what a whole-layer checkpoint keeps) or `(None, "outside")` for the
 embedding, final norm, output layer and loss. Module inputs (`core_in`, `mlp_in`), which a
 module-level checkpoint keeps instead of the module's internals, are recorded from the
-module's arguments.
+module's arguments (the storages not already kept).
 """
 
 from collections import defaultdict
@@ -37,9 +37,10 @@ def _storage_key(tensor: torch.Tensor) -> Optional[Tuple[str, int, int]]:
     return (str(tensor.device), storage.data_ptr(), storage.nbytes())
 
 
-def tensor_bytes(value) -> int:
-    """Bytes of the tensors in a (nested) argument, one count per storage."""
-    seen = set()
+def tensor_bytes(value, already=frozenset()) -> int:
+    """Bytes of the tensors in a (nested) argument, one count per storage, leaving out the
+    storages in `already`."""
+    seen = set(already)
     total = 0
     stack = [value]
     while stack:
@@ -106,9 +107,10 @@ class SavedBytes:
         finally:
             self._regions.pop()
 
-    def record(self, layer: int, name: str, nbytes: int) -> None:
-        """Add bytes that were not saved through autograd (e.g. a module's inputs)."""
-        self.bytes[(layer, name)] += nbytes
+    def record_inputs(self, layer: int, name: str, value) -> None:
+        """Record under (layer, name) the bytes a checkpoint of a module called with `value`
+        would add: its tensors' storages that nothing saved so far keeps."""
+        self.bytes[(layer, name)] += tensor_bytes(value, self._seen | self._exclude)
 
     @property
     def current_layer(self) -> Optional[int]:
@@ -118,9 +120,9 @@ class SavedBytes:
         return {name: n for (lay, name), n in self.bytes.items() if lay == layer}
 
     def total(self) -> int:
-        """Bytes saved during the forward (module inputs recorded by `record` excluded)."""
+        """Bytes saved during the forward (module inputs from `record_inputs` excluded)."""
         return sum(n for (_, name), n in self.bytes.items() if name not in RECORDED)
 
 
-# Regions filled by `record` (argument sizes), not by saved tensors.
+# Regions filled by `record_inputs` (argument sizes), not by saved tensors.
 RECORDED = ("core_in", "mlp_in")

@@ -245,15 +245,11 @@ class RecomputePlanner:
         )
 
     def _plan_step(self, shapes, events) -> StepPlan:
-        hi = max(
-            self.item(c, shape, _UNBOUNDED).live_bytes
-            for shape in shapes
-            for c in range(len(self.chunks))
-        )
-        items = self._items(shapes, hi)
+        items = self._items(shapes, _UNBOUNDED)
         peak = simulate_peak(events, items)
         if peak <= self.budget:
-            return StepPlan(items, peak, hi)
+            return StepPlan(items, peak, _UNBOUNDED)
+        hi = max(item.live_bytes for row in items for item in row)
         lo_items = self._items(shapes, 0.0)
         lo_peak = simulate_peak(events, lo_items)
         if lo_peak > self.budget:

@@ -146,6 +146,7 @@ def build_recompute(args, config, chunks):
     from megatron.core import parallel_state
 
     from ..recompute import RecomputeController, activation_budget, static_bytes
+    from ..recompute.budget import format_bytes
 
     dp = parallel_state.get_data_parallel_world_size()
     static = static_bytes(
@@ -163,8 +164,8 @@ def build_recompute(args, config, chunks):
     except ValueError as err:
         raise ArgumentError(str(err)) from None
     log(f" recompute planner: budget {args.dots_recompute_budget_gb:g} GiB = parameters, "
-        f"gradients and Adam state {static / 2**30:.2f} GiB + activations "
-        f"{budget / 2**30:.2f} GiB; first steps calibrate (every layer recomputes)")
+        f"gradients and Adam state {format_bytes(static)} + activations "
+        f"{format_bytes(budget)}; first steps calibrate (every layer recomputes)")
     return RecomputeController(chunks, config, budget, bucket_tokens=args.dots_recompute_bucket,
                                margin=args.dots_recompute_margin)
 

@@ -1,8 +1,8 @@
 """The recompute planner leaves training unchanged under a parallel layout (torchrun worker).
 
 Every rank builds the same tiny dots model twice (same weights). Twin A trains with a
-`RecomputeController` whose budget, once calibrated, is 55% of the predicted no-recompute peak
-(so plans mix recompute modes); twin B trains without recompute. Both see the same micro-batches
+`RecomputeController` whose budget, once calibrated, is a share (--budget-share) of the
+predicted no-recompute peak (so plans recompute); twin B trains without recompute. Both see the same micro-batches
 (variable lengths per data-parallel rank without pipelining; one length under PP, whose p2p
 buffers have a fixed shape), run Megatron-Core's schedule (finalize_model_grads included: the
 router bias update), then an SGD update. Each rank compares losses, gradients and router biases
@@ -43,6 +43,8 @@ def parse_args():
     parser.add_argument("--ep", type=int, default=1)
     parser.add_argument("--sp", action="store_true", help="sequence parallel (MoE with TP needs it)")
     parser.add_argument("--iters", type=int, default=7)
+    parser.add_argument("--budget-share", type=float, default=0.55,
+                        help="budget as a share of the predicted peak without recompute")
     parser.add_argument("--out", required=True)
     return parser.parse_args()
 
@@ -95,10 +97,12 @@ def main():
         record = ctl.history[-1]
         if record["calibration"]:
             calibrations += 1
-            if iteration == 2:  # calibrated: tighten the budget to force mixed plans
-                unlimited = ctl.planner.plan_step(ctl.buckets, ctl._events(MICRO_BATCHES))
-                ctl.planner.budget = 0.55 * unlimited.predicted_peak
-                ctl.planner.reset()
+            # Tighten the budget to force mixed plans (for the shapes seen last).
+            ctl.planner.budget = 1e12
+            ctl.planner.reset()
+            unlimited = ctl.planner.plan_step(ctl.buckets, ctl._events(MICRO_BATCHES))
+            ctl.planner.budget = args.budget_share * unlimited.predicted_peak
+            ctl.planner.reset()
         else:
             modes.update(record["modes"])
         expected = [(mb, c) for kind, mb, c in ctl._events(MICRO_BATCHES) if kind == "F"]

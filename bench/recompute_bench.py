@@ -1,0 +1,514 @@
+"""Input-aware activation recompute (`megatron_dots.recompute`) on a variable-length workload.
+
+Builds one dots model on one device (GPU: bf16 via Float16Module; CPU: fp32), Megatron-Core DDP
+and Megatron-Core's Adam (`training.optimizer.build_optimizer`), and runs the same seeded
+workload with each recompute strategy in turn, timing full training steps
+(`training.step.train_step`: forward, backward, gradient finalisation and the optimizer step):
+
+* ``planner``: `RecomputeController` (per-micro-batch recompute chosen from the fitted memory
+  model). Its *calibration* steps (every layer recomputes while the memory model measures; they
+  happen whenever a micro-batch is longer than any measured so far, or fewer than three
+  lengths are measured) are reported separately and left out of its timed steps;
+* ``static``: whole-layer recompute of the first N layers for every micro-batch (Megatron's
+  ``--recompute-granularity full --recompute-method block --recompute-num-layers N``), N the
+  smallest for which the planner's fitted memory model predicts that a step of max-length
+  micro-batches fits the activation budget (same 5 % safety margin and peak simulation as the
+  planner). Needs ``planner`` to run first (it fits the model);
+* ``full``: every layer recomputes (``--recompute-method uniform --recompute-num-layers 1``);
+* ``none``: no recompute (may exceed the budget; a CUDA OOM is recorded as ``OOM``).
+
+Each step has ``--micro-batches`` micro-batches of ``--micro-batch-size`` rows of random token
+ids; the sequence length is drawn uniformly from [--min-seq, --max-seq] per step (or per
+micro-batch with ``--per-micro-batch-seq``), from a seeded generator, so every strategy sees the
+same steps. The first ``--warmup`` steps of every strategy are not timed. Throughput is
+reported over each strategy's own timed steps and over the *common* steps (timed steps that
+were not planner calibration steps), which is the like-for-like comparison. All strategies
+train the same model and optimizer one after the other (weights are not reset between them).
+
+The budget (``--budget-gb``) is the whole per-GPU memory; the activation budget is what is
+left after parameters, fp32 gradients and Adam state (`recompute.budget.static_bytes`). Peak
+memory is `torch.cuda.max_memory_allocated` over all steps of a strategy (null on CPU).
+
+GPU (one H100, dots-mini):
+
+    python bench/recompute_bench.py --model dots-mini --min-seq 512 --max-seq 8192 \\
+        --budget-gb 60 --steps 40 --micro-batches 4 --markdown
+
+CPU smoke check (dots-tiny, fp32, < 2 minutes):
+
+    python bench/recompute_bench.py --model dots-tiny --min-seq 32 --max-seq 256 --steps 8 \\
+        --micro-batches 2 --budget-gb 0.006 --bucket 32 --out /tmp/recompute_bench.json
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import sys
+import time
+import types
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+GIB = float(1 << 30)
+STRATEGIES = ("planner", "static", "full", "none")
+
+
+# -- model ------------------------------------------------------------------------------------
+def build(args):
+    """(DotsConfig, TransformerConfig, DDP chunks, optimizer, device, dtype name)."""
+    import megatron_dots  # noqa: F401  (compat patches before Megatron-Core is used)
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_dots.compat.distributed import default_device, init_distributed
+    from megatron_dots.config import DotsConfig
+    from megatron_dots.model import build_dots_model_chunks
+    from megatron_dots.training.optimizer import build_optimizer
+    from megatron_dots.training.step import wrap_with_ddp
+
+    init_distributed()
+    parallel_state.initialize_model_parallel(1, 1)
+    torch.manual_seed(args.seed)
+    model_parallel_cuda_manual_seed(args.seed)
+
+    device = default_device()
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    bf16 = dtype == "bf16"
+    params_dtype = torch.bfloat16 if bf16 else torch.float32
+    dc = DotsConfig.preset(args.model)
+    cfg = dc.to_transformer_config(bf16=bf16, params_dtype=params_dtype, pipeline_dtype=params_dtype)
+    chunks = build_dots_model_chunks(dc, cfg, backend=args.expert_backend)
+    for chunk in chunks:
+        chunk.to(device)
+    if bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        chunks = [Float16Module(cfg, chunk) for chunk in chunks]
+    chunks = wrap_with_ddp(
+        chunks, cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
+    )
+    opt_args = types.SimpleNamespace(
+        optimizer="adam", lr=args.lr, min_lr=0.0, weight_decay=0.0, adam_beta1=0.9,
+        adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0, bf16=bf16, use_distributed_optimizer=False,
+    )
+    optimizer = build_optimizer(opt_args, chunks)
+    return dc, cfg, chunks, optimizer, device, dtype
+
+
+# -- workload ---------------------------------------------------------------------------------
+def draw_workload(args) -> List[List[int]]:
+    """Per step, the sequence length of each micro-batch (seeded, the same for every strategy)."""
+    rng = random.Random(args.seed)
+    steps = []
+    for _ in range(args.steps):
+        if args.per_micro_batch_seq:
+            steps.append([rng.randint(args.min_seq, args.max_seq) for _ in range(args.micro_batches)])
+        else:
+            steps.append([rng.randint(args.min_seq, args.max_seq)] * args.micro_batches)
+    return steps
+
+
+def make_batches(lengths: Sequence[int], step: int, args, vocab: int, device) -> List[torch.Tensor]:
+    gen = torch.Generator().manual_seed(args.seed * 100003 + step)
+    return [
+        torch.randint(0, vocab, (args.micro_batch_size, s + 1), generator=gen).to(device)
+        for s in lengths
+    ]
+
+
+# -- fixed recompute ("static", "full", "none") -------------------------------------------------
+class FixedRecompute:
+    """The controller's interface to `training.step.forward_backward` with the same layer modes
+    for every micro-batch of every step."""
+
+    def __init__(self, chunks, modes_per_chunk: Sequence[Sequence[str]]):
+        self.chunks = list(chunks)
+        self.modes = [list(m) for m in modes_per_chunk]
+        self._forward_only = False
+
+    def begin_step(self, micro_batches, forward_only: bool = False):
+        self._forward_only = forward_only
+        return None
+
+    def wrap(self, forward_step_func):
+        from megatron_dots.recompute.layer import set_modes
+
+        def forward_step(data_iterator, model):
+            index = next(i for i, c in enumerate(self.chunks) if c is model)
+            set_modes(model, None if self._forward_only else self.modes[index])
+            return forward_step_func(data_iterator, model)
+
+        return forward_step
+
+    def end_step(self):
+        return None
+
+
+def static_block_layers(ctl, args) -> Dict[str, object]:
+    """Smallest N such that full recompute of the first N layers of every chunk is predicted
+    (fitted memory model, planner margin, schedule peak) to fit a step of max-length
+    micro-batches into the activation budget."""
+    from megatron_dots.recompute.planner import ItemPlan, simulate_peak
+    from megatron_dots.recompute.shapes import MicroBatchShape, bucket
+
+    shape = bucket(MicroBatchShape(args.micro_batch_size, args.max_seq), args.bucket)
+    scale = 1.0 + ctl.planner.margin
+    events = ctl._events(args.micro_batches)
+    layers = [len(layout.layer_kinds) for layout in ctl.layouts]
+    predicted = {}
+    for n in range(max(layers) + 1):
+        items = []
+        for chunk, layout in enumerate(ctl.layouts):
+            modes = ["full" if i < n else "none" for i in range(len(layout.layer_kinds))]
+            live = ctl.predicted_bytes(chunk, modes, shape) * scale
+            transient = max(
+                [ctl.model.layer_bytes(k, m, shape)[1] * scale for k, m in zip(layout.layer_kinds, modes)]
+                + [0.0]
+            )
+            items.append(ItemPlan(tuple(modes), live, transient, 0.0))
+        peak = simulate_peak(events, [tuple(items)] * args.micro_batches)
+        predicted[n] = peak
+        if peak <= ctl.planner.budget:
+            return {"layers": n, "predicted_peak": peak, "fits": True, "shape_seq": shape.seq_length,
+                    "predicted_by_n": predicted}
+    return {"layers": max(layers), "predicted_peak": predicted[max(layers)], "fits": False,
+            "shape_seq": shape.seq_length, "predicted_by_n": predicted}
+
+
+# -- running ----------------------------------------------------------------------------------
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def run_strategy(name, recompute, chunks, optimizer, workload, args, vocab, device, ctl=None):
+    """Run every step of the workload; per-step records (a CUDA OOM ends the strategy)."""
+    from megatron_dots.training.step import train_step
+
+    free_memory(device)
+    records = []
+    for step, lengths in enumerate(workload):
+        batches = make_batches(lengths, step, args, vocab, device)
+        tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sync(device)
+        oom = False
+        start = time.perf_counter()
+        try:
+            loss, _ = train_step(chunks, optimizer, batches, max(lengths), args.micro_batch_size,
+                                 recompute=recompute)
+            sync(device)
+        except torch.OutOfMemoryError:
+            oom = True
+        seconds = time.perf_counter() - start
+        record = {"step": step, "seq": list(lengths), "tokens": tokens}
+        if oom:
+            # The controller's plan was never closed; leave the layers in a clean state.
+            if ctl is not None:
+                ctl.plan = None
+            del batches
+            free_memory(device)
+            record["oom"] = True
+            records.append(record)
+            print(f"[{name}] step {step} seq {lengths}: CUDA OOM; strategy stopped", flush=True)
+            break
+        record.update(seconds=seconds, loss=loss)
+        # Read after the step (the controller resets the peak in begin_step): forward,
+        # backward and the optimizer step of this step.
+        record["peak_allocated"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        line = f"[{name}] step {step} seq {lengths}: {1000 * seconds:.0f} ms, loss {loss:.3f}"
+        if record["peak_allocated"] is not None:
+            line += f", peak {record['peak_allocated'] / GIB:.2f} GiB"
+        if ctl is not None:
+            hist = ctl.history[-1]
+            record["calibration"] = hist["calibration"]
+            for key in ("recomputed_layer_share", "max_prediction_error", "predicted_peak",
+                        "fits", "cuda_max_allocated", "modes"):
+                if key in hist:
+                    record[key] = hist[key]
+            line += f"\n    {ctl.describe(ctl.take_window())}"
+        records.append(record)
+        print(line, flush=True)
+    return records
+
+
+def summarize(name, records, args, common_steps, budget_bytes, extra=None):
+    timed = [r for r in records if r["step"] >= args.warmup and not r.get("oom")
+             and not r.get("calibration")]
+    common = [r for r in timed if r["step"] in common_steps]
+    oom = any(r.get("oom") for r in records)
+
+    def rate(rs):
+        secs = sum(r["seconds"] for r in rs)
+        return (sum(r["tokens"] for r in rs) / secs) if rs and secs > 0 else None
+
+    def mean_ms(rs):
+        return 1000 * sum(r["seconds"] for r in rs) / len(rs) if rs else None
+
+    peaks = [r["peak_allocated"] for r in records if r.get("peak_allocated") is not None]
+    peak = max(peaks) if peaks else None
+    out = {
+        "status": "OOM" if oom else "ok",
+        "timed_steps": len(timed),
+        "tokens_per_s": rate(timed),
+        "mean_step_ms": mean_ms(timed),
+        "common_steps": len(common),
+        "common_tokens_per_s": None if oom else rate(common),
+        "common_mean_step_ms": None if oom else mean_ms(common),
+        "peak_allocated_gib": peak / GIB if peak is not None else None,
+        "peak_within_budget": (peak <= args.budget_gb * GIB) if peak is not None else None,
+    }
+    if extra:
+        out.update(extra)
+    out["steps"] = records
+    return out
+
+
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def table_rows(results):
+    rows = []
+    for name, r in results.items():
+        if r.get("status") == "skipped":
+            rows.append([name, "skipped", "-", "-", "-", "-", "-", "-", "-"])
+            continue
+        within = r["peak_within_budget"]
+        rows.append([
+            name,
+            r["status"],
+            fmt(r["common_tokens_per_s"], ",.0f"),
+            fmt(r["common_mean_step_ms"], ".1f"),
+            fmt(r["tokens_per_s"], ",.0f"),
+            fmt(r["peak_allocated_gib"], ".2f"),
+            "-" if within is None else ("yes" if within else "NO"),
+            fmt(r["recomputed_layer_share"], ".0%"),
+            fmt(r.get("max_prediction_error"), ".1%"),
+        ])
+    return rows
+
+
+HEADER = ["strategy", "status", "tokens/s (common)", "step ms (common)", "tokens/s (own)",
+          "peak GiB", "peak <= budget", "recomputed layers", "max pred. error"]
+
+
+def print_table(results):
+    rows = [HEADER] + table_rows(results)
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(HEADER))]
+    for k, row in enumerate(rows):
+        print("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def print_markdown(results):
+    print("| " + " | ".join(HEADER) + " |")
+    print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(HEADER))) + "|")
+    for row in table_rows(results):
+        print("| " + " | ".join(str(c) for c in row) + " |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="dots-mini", help="DotsConfig preset")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                        help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--expert-backend", default="sequential")
+    parser.add_argument("--min-seq", type=int, default=512)
+    parser.add_argument("--max-seq", type=int, default=8192)
+    parser.add_argument("--per-micro-batch-seq", action="store_true",
+                        help="draw the length per micro-batch (default: one length per step)")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps per strategy")
+    parser.add_argument("--micro-batches", type=int, default=4)
+    parser.add_argument("--micro-batch-size", type=int, default=1)
+    parser.add_argument("--budget-gb", type=float, required=True,
+                        help="per-GPU memory budget in GiB (parameters, gradients, Adam state and "
+                             "activations)")
+    parser.add_argument("--bucket", type=int, default=256, help="planner shape bucket (tokens)")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES),
+                        help=f"comma-separated subset of {','.join(STRATEGIES)} (run in this order)")
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--out", default="bench/results/recompute_bench.json", help="JSON report")
+    parser.add_argument("--markdown", action="store_true", help="also print a markdown table")
+    args = parser.parse_args(argv)
+
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = set(strategies) - set(STRATEGIES)
+    if unknown:
+        parser.error(f"unknown strategies {sorted(unknown)}; choose from {STRATEGIES}")
+    if "static" in strategies and ("planner" not in strategies
+                                   or strategies.index("planner") > strategies.index("static")):
+        parser.error("'static' is chosen with the planner's fitted memory model: run 'planner' first")
+    if args.min_seq < 1 or args.max_seq < args.min_seq:
+        parser.error("need 1 <= --min-seq <= --max-seq")
+
+    from megatron_dots.recompute import RecomputeController, activation_budget, static_bytes
+    from megatron_dots.recompute.layer import decoder_layers
+
+    t0 = time.time()
+    dc, cfg, chunks, optimizer, device, dtype = build(args)
+    static = static_bytes(chunks, grad_reduce_in_fp32=True)
+    budget = activation_budget(args.budget_gb, static)
+    total, active = dc.num_parameters()
+    print(f"model {args.model}: {total:,} parameters ({active:,} active), {dtype} on {device}; "
+          f"built in {time.time() - t0:.1f} s")
+    print(f"budget {args.budget_gb:g} GiB: static (params + fp32 grads + Adam) "
+          f"{static / GIB:.3f} GiB, activation budget {budget / GIB:.3f} GiB")
+    workload = draw_workload(args)
+    vocab = dc.vocab_size
+    layer_counts = [len(decoder_layers(c)) for c in chunks]
+
+    results: Dict[str, dict] = {}
+    ctl: Optional[RecomputeController] = None
+    common_steps = set(range(args.warmup, args.steps))
+    planner_records = None
+    static_choice = None
+    runs = {}
+    for name in strategies:
+        if name == "planner":
+            ctl = RecomputeController(chunks, cfg, budget, bucket_tokens=args.bucket)
+            print(f"\n== planner (memory model: {ctl.model.attention} attention, bucket "
+                  f"{args.bucket} tokens)")
+            records = run_strategy(name, ctl, chunks, optimizer, workload, args, vocab, device, ctl)
+            planner_records = records
+            common_steps -= {r["step"] for r in records if r.get("calibration")}
+            runs[name] = records
+            continue
+        if name == "static":
+            if not ctl.model.samples:
+                results[name] = {"status": "skipped", "reason": "the planner measured nothing"}
+                continue
+            static_choice = static_block_layers(ctl, args)
+            n = static_choice["layers"]
+            print(f"\n== static: full recompute of the first {n} of {max(layer_counts)} layers "
+                  f"(predicted peak {static_choice['predicted_peak'] / GIB:.3f} GiB of "
+                  f"{budget / GIB:.3f} GiB for seq {static_choice['shape_seq']}"
+                  f"{'' if static_choice['fits'] else ', does NOT fit'})")
+            modes = [["full" if i < n else "none" for i in range(k)] for k in layer_counts]
+        else:
+            print(f"\n== {name}")
+            modes = [[name] * k for k in layer_counts]
+        runs[name] = run_strategy(name, FixedRecompute(chunks, modes), chunks, optimizer,
+                                  workload, args, vocab, device)
+
+    for name, records in runs.items():
+        extra = {}
+        if name == "planner":
+            cal = [r for r in records if r.get("calibration")]
+            planned = [r for r in records if not r.get("calibration") and not r.get("oom")]
+            timed_all = [r for r in records if r["step"] >= args.warmup and not r.get("oom")]
+            secs_all = sum(r["seconds"] for r in timed_all)
+            errors = [r["max_prediction_error"] for r in planned if "max_prediction_error" in r]
+            shares = [r["recomputed_layer_share"] for r in planned
+                      if r["step"] >= args.warmup and "recomputed_layer_share" in r]
+            extra = {
+                "calibration_steps": [r["step"] for r in cal],
+                "calibration_mean_step_ms": (1000 * sum(r["seconds"] for r in cal) / len(cal)
+                                             if cal and not any(r.get("oom") for r in cal) else None),
+                "tokens_per_s_incl_calibration": (sum(r["tokens"] for r in timed_all) / secs_all
+                                                  if secs_all > 0 else None),
+                "recomputed_layer_share": sum(shares) / len(shares) if shares else None,
+                "max_prediction_error": max(errors) if errors else None,
+                "max_predicted_peak_gib": max((r["predicted_peak"] for r in planned), default=0) / GIB
+                if planned else None,
+                "all_plans_fit": all(r.get("fits", True) for r in planned),
+                "memory_model": ctl.model.describe(),
+                "plan_cache": {"hits": ctl.planner.cache_hits, "misses": ctl.planner.cache_misses},
+            }
+        elif name == "static":
+            extra = {"recomputed_layer_share": static_choice["layers"] / max(layer_counts),
+                     "block_layers": static_choice["layers"],
+                     "predicted_peak_gib": static_choice["predicted_peak"] / GIB,
+                     "predicted_fits": static_choice["fits"],
+                     "predicted_peak_gib_by_layers": {str(k): v / GIB for k, v in
+                                                      static_choice["predicted_by_n"].items()}}
+        else:
+            extra = {"recomputed_layer_share": 1.0 if name == "full" else 0.0}
+        results[name] = summarize(name, records, args, common_steps, budget, extra)
+
+    print(f"\nrecompute benchmark: {args.model}, {dtype}, budget {args.budget_gb:g} GiB "
+          f"(activations {budget / GIB:.3f} GiB), {args.steps} steps x {args.micro_batches} "
+          f"micro-batches x {args.micro_batch_size} rows, seq {args.min_seq}-{args.max_seq}"
+          f"{' per micro-batch' if args.per_micro_batch_seq else ' per step'}; common steps "
+          f"{len(common_steps)} (warmup {args.warmup}, planner calibration "
+          f"{len(results.get('planner', {}).get('calibration_steps', []))})")
+    print_table(results)
+    if "planner" in results and results["planner"].get("tokens_per_s_incl_calibration"):
+        p = results["planner"]
+        print(f"planner incl. calibration steps: {p['tokens_per_s_incl_calibration']:,.0f} tokens/s; "
+              f"calibration steps {p['calibration_steps']}; memory model: {p['memory_model']}")
+    if args.markdown:
+        print()
+        print_markdown(results)
+
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "host": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "megatron_core": _mcore_version(),
+        },
+        "args": vars(args),
+        "dtype": dtype,
+        "parameters": total,
+        "static_bytes": static,
+        "activation_budget_bytes": budget,
+        "common_steps": sorted(common_steps),
+        "workload": workload,
+        "results": results,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(_finite(report), f, indent=2, default=_json_default)
+    print(f"report: {args.out}")
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    return report
+
+
+def _mcore_version():
+    try:
+        from megatron.core.package_info import __version__
+
+        return __version__
+    except Exception:  # pragma: no cover
+        return None
+
+
+def _finite(value):
+    """NaN / infinity (e.g. a calibration step's predicted peak) as null: strict JSON."""
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _json_default(value):
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
