@@ -71,6 +71,11 @@ def test_valid_flags_fill_derived_values():
     (["--use-distributed-optimizer"], 1, ["--use-distributed-optimizer needs a GPU"]),
     (["--num-experts", "0"], 1, ["--num-experts"]),
     (["--micro-batch-size", "0"], 1, ["--micro-batch-size must be positive"]),
+    (["--dots-recompute-budget-gb", "0"], 1, ["--dots-recompute-budget-gb must be positive"]),
+    (["--dots-recompute-budget-gb", "8", "--dots-recompute-bucket", "0"], 1,
+     ["--dots-recompute-bucket must be >= 1"]),
+    (["--dots-recompute-budget-gb", "8", "--dots-recompute-margin", "1.5"], 1,
+     ["--dots-recompute-margin must be in [0, 1)"]),
 ])
 def test_bad_combinations_name_the_flags(argv, world, needles):
     message = error(argv, world)

@@ -92,6 +92,23 @@ def test_loss_falls_and_logs_like_megatron(uninterrupted):
     assert lrs[16] < 3e-3 and lrs[20] == pytest.approx(3e-4)
 
 
+def test_recompute_budget_trains_the_same_curve(data, uninterrupted, tmp_path):
+    """--dots-recompute-budget-gb: the planner calibrates, then recomputes to fit a budget
+    that cannot hold every activation, and the loss curve is the run without recompute."""
+    out, _ = uninterrupted
+    # dots-tiny here: ~5 MiB of parameters, gradients and Adam state; ~36 MiB of activations
+    # per micro-batch of 4 x 64 tokens without recompute.
+    proc = run(flags(data, tmp_path, dots_recompute_budget_gb=0.03,
+                     dots_loss_csv=tmp_path / "losses.csv"))
+    assert losses(tmp_path / "losses.csv") == losses(out / "ckpt" / "losses.csv")
+    lines = [l for l in proc.stdout.splitlines() if l.startswith(" recompute planner")]
+    assert "first steps calibrate" in lines[0]
+    assert "1 calibrating" in lines[1]
+    for line in lines[2:]:
+        share = int(line.split("layer passes recomputed ")[1].split("%")[0])
+        assert 0 < share and "WARNING" not in line, line
+
+
 def test_tensorboard_and_expert_load_csv(uninterrupted):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -261,8 +261,9 @@ def test_static_memory_and_budget_errors():
 
 
 # -- parallel layouts (torchrun, gloo) -------------------------------------------------------
-@pytest.mark.parametrize("layout", [("--ep", "2"), ("--tp", "2", "--sp"),
-                                    ("--pp", "2", "--vpp", "2", "--budget-share", "0.8")], ids=["ep2", "tp2-sp", "pp2-vpp2"])
+@pytest.mark.parametrize("layout", [
+    (), ("--ep", "2"), ("--tp", "2", "--sp"), ("--pp", "2", "--vpp", "2", "--budget-share", "0.8"),
+], ids=["dp2", "ep2", "tp2-sp", "pp2-vpp2"])
 def test_parallel_training_with_the_planner_equals_training_without(layout, tmp_path):
     out = tmp_path / "summary.json"
     proc = torchrun("parallel/recompute_worker.py", 2, "--out", str(out), *layout, timeout=300)

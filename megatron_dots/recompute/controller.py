@@ -6,7 +6,7 @@ Per step (`begin_step` before the schedule, `end_step` after it):
    expert-parallel peers (an MoE layer's recompute repeats its all-to-all, so EP peers must
    decide alike, and its experts' memory depends on the peers' tokens) and bucketed;
 2. a shape the memory model does not cover yet (not measured, or longer than any measured)
-   makes the step a *calibration* step: every layer recomputes fully (the least memory) and
+   on any rank makes the step a *calibration* step on every rank: every layer recomputes fully (the least memory) and
    measures, during its recomputation, what it would keep without recompute; the measurements
    of all ranks are merged (maxima), so every rank fits the same model;
 3. otherwise the planner's plan for the step's buckets is applied per micro-batch and chunk by
@@ -105,7 +105,8 @@ class RecomputeController:
         self._shapes = [shape_of(b) for b in micro_batches]
         self._planning = self._expert_group_max(self._shapes)
         self.buckets = buckets = [bucket(s, self.bucket_tokens) for s in self._planning]
-        if not all(self.model.covers(s, self.min_points) for s in self._planning):
+        uncovered = not all(self.model.covers(s, self.min_points) for s in self._planning)
+        if self._any_rank(uncovered):  # calibration gathers from every rank: all take part
             self.plan = self.planner.calibration_step(buckets)
         else:
             self.plan = self.planner.plan_step(buckets, self._events(len(buckets)))
@@ -167,6 +168,16 @@ class RecomputeController:
             vpp_size=vpp,
             group_size=getattr(self.config, "microbatch_group_size_per_vp_stage", None),
         )
+
+    @staticmethod
+    def _any_rank(flag: bool) -> bool:
+        if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+            return flag
+        from ..compat.distributed import default_device
+
+        value = torch.tensor([int(flag)], device=default_device())
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item())
 
     def _expert_group_max(self, shapes: List[MicroBatchShape]) -> List[MicroBatchShape]:
         from megatron.core import parallel_state
