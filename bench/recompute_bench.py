@@ -32,12 +32,12 @@ memory is `torch.cuda.max_memory_allocated` over all steps of a strategy (null o
 GPU (one H100, dots-mini):
 
     python bench/recompute_bench.py --model dots-mini --min-seq 512 --max-seq 8192 \\
-        --budget-gb 60 --steps 40 --micro-batches 4 --markdown
+        --budget-gb 70 --steps 40 --micro-batches 4 --markdown
 
 CPU smoke check (dots-tiny, fp32, < 2 minutes):
 
     python bench/recompute_bench.py --model dots-tiny --min-seq 32 --max-seq 256 --steps 8 \\
-        --micro-batches 2 --budget-gb 0.006 --bucket 32 --out /tmp/recompute_bench.json
+        --micro-batches 2 --budget-gb 0.012 --bucket 32 --out /tmp/recompute_bench.json
 """
 
 import argparse
@@ -378,7 +378,6 @@ def main(argv=None):
     results: Dict[str, dict] = {}
     ctl: Optional[RecomputeController] = None
     common_steps = set(range(args.warmup, args.steps))
-    planner_records = None
     static_choice = None
     runs = {}
     for name in strategies:
@@ -387,7 +386,6 @@ def main(argv=None):
             print(f"\n== planner (memory model: {ctl.model.attention} attention, bucket "
                   f"{args.bucket} tokens)")
             records = run_strategy(name, ctl, chunks, optimizer, workload, args, vocab, device, ctl)
-            planner_records = records
             common_steps -= {r["step"] for r in records if r.get("calibration")}
             runs[name] = records
             continue
