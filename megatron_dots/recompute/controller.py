@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..convert.sharding import unwrap_model
 from .budget import GIB, format_bytes
 from .layer import decoder_layers, set_modes
 from .measure import OUTSIDE, SavedBytes
@@ -40,14 +41,8 @@ def attention_kind(chunks) -> str:
     return "flash"
 
 
-def _unwrap(chunk):
-    while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
-        chunk = chunk.module
-    return chunk
-
-
 def chunk_layout(chunk) -> ChunkLayout:
-    model = _unwrap(chunk)
+    model = unwrap_model(chunk)
     kinds = tuple("moe" if layer.is_moe else "dense" for layer in decoder_layers(chunk))
     role = "+".join(r for r, on in (("pre", model.pre_process), ("post", model.post_process)) if on)
     return ChunkLayout(kinds, f"chunk:{role or 'mid'}")
@@ -76,14 +71,15 @@ class RecomputeController:
                 layer.install_recompute_regions()
         self.layouts = [chunk_layout(c) for c in self.chunks]
         self._kind_of: List[Dict[int, str]] = [
-            {layer.layer_number: ("moe" if layer.is_moe else "dense") for layer in decoder_layers(c)}
-            for c in self.chunks
+            {layer.layer_number: kind for layer, kind in zip(decoder_layers(c), layout.layer_kinds)}
+            for c, layout in zip(self.chunks, self.layouts)
         ]
         self.model = ActivationMemoryModel(attention or attention_kind(self.chunks))
         self.planner = RecomputePlanner(
             self.model, RecomputeCosts.from_config(config), self.layouts, budget_bytes, margin
         )
-        self._params = [list(c.parameters()) for c in self.chunks]
+        # Per chunk, an empty counter that excludes its parameters (forked per micro-batch).
+        self._blank = [SavedBytes(c.parameters()) for c in self.chunks]
         self.plan: Optional[StepPlan] = None
         self.history: List[dict] = []
         self._window_start = 0
@@ -127,7 +123,7 @@ class RecomputeController:
             modes = self.plan.modes(mb, chunk)
             set_modes(model, list(modes), calibrate=self.plan.calibrate)
             self.applied[(mb, chunk)] = modes
-            counter = SavedBytes(self._params[chunk])
+            counter = self._blank[chunk].fork()
             self._counters[(mb, chunk)] = counter
             with counter.counting():
                 return forward_step_func(data_iterator, model)

@@ -25,6 +25,7 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
+from ..convert.sharding import unwrap_model
 from .measure import active_counter
 
 MODES = ("none", "core_attn", "mlp", "core_attn+mlp", "full")
@@ -124,10 +125,7 @@ class PlannedRecomputeLayer:
 
 def decoder_layers(chunk) -> List[PlannedRecomputeLayer]:
     """The planned-recompute layers of a model chunk (DDP / Float16Module wrappers unwrapped)."""
-    module = chunk
-    while not hasattr(module, "decoder") and hasattr(module, "module"):
-        module = module.module
-    decoder = getattr(module, "decoder", None)
+    decoder = getattr(unwrap_model(chunk), "decoder", None)
     layers = list(decoder.layers) if decoder is not None else []
     return [layer for layer in layers if isinstance(layer, PlannedRecomputeLayer)]
 
