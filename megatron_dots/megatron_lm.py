@@ -375,7 +375,7 @@ def dots_model_provider(args, pre_process: bool = True, post_process: bool = Tru
     check_transformer_config(config, cfg)
     backend = getattr(args, "dots_expert_backend", "auto")
     if backend == "auto" and getattr(args, "transformer_impl", None) == "local":
-        backend = "sequential"
+        backend = "grouped"  # no Transformer Engine modules: our TE-free fast path
     return build_dots_model(cfg, config, backend=backend, pre_process=pre_process,
                             post_process=post_process, vp_stage=vp_stage,
                             pg_collection=pg_collection)

@@ -49,6 +49,10 @@ LAYOUTS = {
     # expert-TP 2: expert weights split like dense TP, uneven token gathers
     "tp2-sp-ep2-etp2": (4, ["--tp", "2", "--sp", "--ep", "2"]),
     "pp2-vpp2-ep2": (4, ["--pp", "2", "--vpp", "2", "--ep", "2"]),
+    # the TE-free fast path (grouped GEMM experts, SDPA) against the sequential reference
+    "grouped-ep2": (2, ["--backend", "grouped", "--ep", "2"]),
+    "grouped-tp2-sp": (2, ["--backend", "grouped", "--tp", "2", "--sp"]),
+    "grouped-tp2-sp-ep2-etp2": (4, ["--backend", "grouped", "--tp", "2", "--sp", "--ep", "2"]),
 }
 
 
@@ -61,6 +65,8 @@ def test_layout_matches_single_process(reference, tmp_path, layout):
     assert summary["failures"] == 0
     assert summary["grad_tensors_checked"] >= 80  # every parameter of the model, on some rank
     assert summary["worst"]["loss"] < 1e-5 and summary["worst"]["grad"] < 1e-5
+    grouped = "--backend" in args
+    assert summary["experts"] == ["TorchGroupedExperts" if grouped else "SequentialMLP"]
 
 
 def test_batch_p2p_comm_is_refused_on_cpu(reference, tmp_path):

@@ -10,8 +10,9 @@ from megatron_dots.model.specs import get_dots_decoder_block_spec, resolve_exper
 
 
 def test_backend_resolution():
-    assert resolve_expert_backend("auto") == ("te" if HAVE_TE else "sequential")
+    assert resolve_expert_backend("auto") == ("te" if HAVE_TE else "grouped")
     assert resolve_expert_backend("sequential") == "sequential"
+    assert resolve_expert_backend("grouped") == "grouped"
     with pytest.raises(ValueError, match="grouped_gemm.*choose one of"):
         resolve_expert_backend("grouped_gemm")
 
@@ -20,6 +21,20 @@ def test_backend_resolution():
 def test_te_backend_without_te_is_a_clear_error():
     with pytest.raises(ValueError, match="Transformer Engine"):
         resolve_expert_backend("te")
+
+
+@pytest.mark.parametrize("backend,attention,experts", [
+    ("grouped", "SDPACoreAttention", "TorchGroupedExperts"),
+    ("sequential", "DotProductAttention", "SequentialMLP"),
+])
+def test_backend_modules(single_process_world, backend, attention, experts):
+    from megatron_dots import build_dots_model
+
+    model = build_dots_model(DotsConfig.preset("dots-tiny"), backend=backend)
+    layer = model.decoder.layers[1]
+    assert type(layer.self_attention.core_attention).__name__ == attention
+    assert type(layer.mlp.experts).__name__ == experts
+    assert type(layer.input_layernorm).__name__ == "DotsRMSNorm"
 
 
 def kinds(block_spec):

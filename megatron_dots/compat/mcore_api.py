@@ -2,7 +2,8 @@
 
 * Expert modules in a spec: 0.16 `BackendSpecProvider.grouped_mlp_modules(grouped, legacy)`
   returns `(module class, submodules)`; 0.19 `grouped_mlp_modules(grouped)` returns a ready
-  builder (`functools.partial`). -> `experts_spec`.
+  builder (`functools.partial`); an `MoESubmodules.experts` entry is a `ModuleSpec` on 0.16 (built
+  with `build_module`) and a callable on 0.19. -> `experts_spec`, `experts_builder`.
 * Process groups for MoE subclasses: 0.16 `transformer/transformer_layer.py`
   (TransformerLayer.__init__) passes `pg_collection` only to MLP classes it lists by identity
   (`MoELayer`, `SequentialMLP`, ...), so a `MoELayer` subclass silently falls back to the global
@@ -30,6 +31,12 @@ def experts_spec(provider, grouped: bool):
         return provider.grouped_mlp_modules(grouped)
     module, submodules = provider.grouped_mlp_modules(grouped, False)
     return ModuleSpec(module=module, submodules=submodules)
+
+
+def experts_builder(module: type):
+    """The routed-experts entry of `MoESubmodules` for our own experts class `module`
+    (constructor ``(num_local_experts, config, submodules=None, pg_collection=None, name=None)``)."""
+    return module if MCORE_AT_LEAST_019 else ModuleSpec(module=module)
 
 
 def whole_layer_cuda_graph_kwargs() -> dict:

@@ -5,11 +5,13 @@ A model chunk's state dict uses local layer and expert indices and holds TP / ex
 down to this rank's piece using the partition attributes Megatron-Core puts on parameters
 (`tensor_model_parallel`, `partition_dim`; expert parameters use the expert-TP rank).
 `load_full_state_dict` fills a chunk from a full state dict; tests use `shard` to compare
-gradients of any layout against a single-process run.
+gradients of any layout against a single-process run. The stacked weights of grouped experts
+(``mlp.experts.weight{1,2}`` [E_local, ...]) appear as one entry per expert under
+`SequentialMLP`'s full keys, so every backend maps to the same full state dict.
 """
 
 import re
-from typing import Dict, Iterator, Mapping, Tuple
+from typing import Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 
@@ -18,6 +20,7 @@ from megatron.core import parallel_state
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _LOCAL_EXPERT = re.compile(r"(mlp\.experts\.local_experts\.)(\d+)(\.)")
 _TE_EXPERT = re.compile(r"(mlp\.experts\.linear_fc[12]\.weight)(\d+)$")
+_GROUPED_EXPERT = re.compile(r"(mlp\.experts\.)weight([12])$")
 _GLU = re.compile(r"linear_fc1\.weight\d*$")
 
 
@@ -66,13 +69,37 @@ def shard(full: torch.Tensor, local: torch.Tensor, key: str) -> torch.Tensor:
     return torch.chunk(full, size, dim=dim)[rank]
 
 
-def local_tensors(chunk: torch.nn.Module) -> Iterator[Tuple[str, str, torch.Tensor]]:
-    """(local key, full key, tensor) for every persistent tensor of the chunk (DDP unwrapped)."""
+def _expert_view(stacked: torch.Tensor, e: int) -> torch.Tensor:
+    """Expert `e` of a stacked grouped-experts weight, with the partition attributes of the
+    per-expert linear weight it equals."""
+    view = stacked[e]
+    view.tensor_model_parallel = True
+    view.partition_dim = stacked.partition_dim - 1
+    view.allreduce = stacked.allreduce
+    return view
+
+
+def _entries(chunk: torch.nn.Module) -> Iterator[Tuple[str, str, torch.Tensor, Optional[int]]]:
+    """(local key, full key, tensor, expert row of a stacked weight or None)."""
     chunk = unwrap_model(chunk)
     for key, tensor in chunk.state_dict(keep_vars=True).items():
         if key.endswith("_extra_state"):
             continue
-        yield key, global_key(chunk, key), tensor
+        grouped = _GROUPED_EXPERT.search(key)
+        if grouped is None:
+            yield key, global_key(chunk, key), tensor, None
+            continue
+        fc = "linear_fc" + grouped.group(2)
+        for e in range(tensor.shape[0]):
+            per_expert = key[:grouped.start()] + f"{grouped.group(1)}local_experts.{e}.{fc}.weight"
+            yield key, global_key(chunk, per_expert), _expert_view(tensor, e), e
+
+
+def local_tensors(chunk: torch.nn.Module) -> Iterator[Tuple[str, str, torch.Tensor]]:
+    """(local key, full key, tensor) for every persistent tensor of the chunk (DDP unwrapped);
+    a grouped-experts weight gives one view per expert."""
+    for key, full, tensor, _ in _entries(chunk):
+        yield key, full, tensor
 
 
 def load_full_state_dict(chunk: torch.nn.Module, full: Mapping[str, torch.Tensor]) -> None:
@@ -93,10 +120,12 @@ def local_grads(chunk: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """{full key: gradient shard} of the chunk's parameters (DDP's `main_grad` when present)."""
     named = dict(unwrap_model(chunk).named_parameters())
     out = {}
-    for local_key, key, _ in local_tensors(chunk):
+    for local_key, key, _, expert in _entries(chunk):
         param = named.get(local_key)
         if param is None:  # a buffer, e.g. the router's expert bias
             continue
         grad = getattr(param, "main_grad", param.grad)
+        if grad is not None and expert is not None:
+            grad = grad[expert]
         out[key] = None if grad is None else grad.detach().clone()
     return out

@@ -1,14 +1,17 @@
 """Layer and decoder-block specs for dots models on Megatron-Core.
 
 A dots decoder is `first_k_dense` dense SwiGLU layers followed by dots MoE layers
-(`DotsMoELayer` + `DotsRouter`), with QK-RMSNorm attention. Two expert backends:
+(`DotsMoELayer` + `DotsRouter`), with QK-RMSNorm attention. Three backends:
 
 * ``te``: Transformer Engine modules (fused norm + linear, TE attention, `TEGroupedMLP`
   experts). Only when Transformer Engine is importable.
-* ``sequential``: Megatron-Core local modules, `SequentialMLP` experts, `DotsRMSNorm`
-  (sequence-parallel capable without TE/apex). Always available.
+* ``grouped``: our TE-free fast path: `TorchGroupedExperts` (torch grouped GEMM experts),
+  `SDPACoreAttention` (torch scaled_dot_product_attention), `DotsRMSNorm` (sequence-parallel
+  capable without TE/apex), Megatron-Core's local parallel linears. Always available.
+* ``sequential``: Megatron-Core's local modules as they are (`SequentialMLP` experts, the
+  unfused `DotProductAttention`), with `DotsRMSNorm`: the upstream reference. Always available.
 
-``auto`` picks ``te`` when TE is installed, else ``sequential``.
+``auto`` picks ``te`` when TE is installed, else ``grouped``.
 """
 
 from typing import Optional
@@ -31,14 +34,16 @@ from megatron.core.transformer.transformer_layer import (
 )
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
-from ..compat.mcore_api import DotsTransformerLayer, experts_spec
+from ..compat.mcore_api import DotsTransformerLayer, experts_builder, experts_spec
 from ..compat.versions import HAVE_TE
 from ..recompute.layer import PlannedRecomputeLayer
+from .attention import SDPACoreAttention
+from .experts import TorchGroupedExperts
 from .moe import DotsMoELayer
 from .norm import DotsRMSNorm
 from .router import DotsRouter
 
-EXPERT_BACKENDS = ("auto", "te", "sequential")
+EXPERT_BACKENDS = ("auto", "te", "grouped", "sequential")
 
 
 class DotsDecoderLayer(PlannedRecomputeLayer, DotsTransformerLayer):
@@ -53,6 +58,13 @@ class DotsLocalSpecProvider(LocalSpecProvider):
         return DotsRMSNorm
 
 
+class DotsTorchSpecProvider(DotsLocalSpecProvider):
+    """The TE-free fast path: local linears, SDPA core attention (grouped experts in `_moe_spec`)."""
+
+    def core_attention(self) -> type:
+        return SDPACoreAttention
+
+
 def resolve_expert_backend(name: str = "auto") -> str:
     """Validate a backend name and resolve ``auto``; errors say what is available."""
     if name not in EXPERT_BACKENDS:
@@ -60,21 +72,22 @@ def resolve_expert_backend(name: str = "auto") -> str:
             f"unknown expert backend {name!r}; choose one of {', '.join(EXPERT_BACKENDS)}"
         )
     if name == "auto":
-        return "te" if HAVE_TE else "sequential"
+        return "te" if HAVE_TE else "grouped"
     if name == "te" and not HAVE_TE:
         raise ValueError(
             "expert backend 'te' needs Transformer Engine, which is not importable here; "
-            "use 'sequential' (or 'auto')"
+            "use 'grouped' (or 'auto')"
         )
     return name
 
 
 def spec_provider(backend: str) -> BackendSpecProvider:
-    if resolve_expert_backend(backend) == "te":
+    backend = resolve_expert_backend(backend)
+    if backend == "te":
         from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 
         return TESpecProvider()
-    return DotsLocalSpecProvider()
+    return DotsTorchSpecProvider() if backend == "grouped" else DotsLocalSpecProvider()
 
 
 def _attention_spec(provider: BackendSpecProvider, fused_norm: bool) -> ModuleSpec:
@@ -97,7 +110,7 @@ def _attention_spec(provider: BackendSpecProvider, fused_norm: bool) -> ModuleSp
     )
 
 
-def _moe_spec(provider: BackendSpecProvider, grouped: bool) -> ModuleSpec:
+def _moe_spec(provider: BackendSpecProvider, backend: str) -> ModuleSpec:
     shared = MLPSubmodules(
         linear_fc1=provider.column_parallel_linear(),
         linear_fc2=provider.row_parallel_linear(),
@@ -105,7 +118,8 @@ def _moe_spec(provider: BackendSpecProvider, grouped: bool) -> ModuleSpec:
     return ModuleSpec(
         module=DotsMoELayer,
         submodules=MoESubmodules(
-            experts=experts_spec(provider, grouped),
+            experts=(experts_builder(TorchGroupedExperts) if backend == "grouped"
+                     else experts_spec(provider, grouped=backend == "te")),
             shared_experts=ModuleSpec(module=SharedExpertMLP, submodules=shared),
             router=DotsRouter,
         ),
@@ -119,7 +133,7 @@ def get_dots_layer_spec(moe: bool, backend: str = "auto") -> ModuleSpec:
     fused = backend == "te"  # TE fuses the pre-attention / pre-MLP norms into the linear
     norm = provider.layer_norm(rms_norm=True, for_qk=False)
     if moe:
-        mlp = _moe_spec(provider, grouped=backend == "te")
+        mlp = _moe_spec(provider, backend)
         pre_mlp_norm = norm
     else:
         linear_fc1 = (

@@ -58,9 +58,12 @@ def add_dots_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="shared experts per MoE layer, each --moe-ffn-hidden-size wide "
                        "(dots.llm1: 2)")
     group.add_argument("--dots-expert-backend", default="auto",
-                       choices=("auto", "te", "sequential"),
-                       help="routed-expert implementation: Transformer Engine grouped GEMM "
-                       "('te'), Megatron-Core's SequentialMLP, or 'auto' (te when installed)")
+                       choices=("auto", "te", "grouped", "sequential"),
+                       help="layer implementation: 'te' = Transformer Engine modules "
+                       "(TEGroupedMLP experts, TE attention); 'grouped' = our TE-free fast path "
+                       "(torch grouped-GEMM experts, SDPA attention); 'sequential' = "
+                       "Megatron-Core's local modules (SequentialMLP, unfused attention); "
+                       "'auto' = te when Transformer Engine is installed, else grouped")
     group.add_argument("--dots-batch-stages", default=None, metavar="TOKENS:BATCH,...",
                        help="global batch size by consumed tokens, in tokens, e.g. "
                        "'0:64M,6T:96M,8.3T:128M' (the paper's schedule); suffixes K, M, B/G, T; "

@@ -54,6 +54,8 @@ def parse_args():
                         help="batched pipeline p2p (refused by the CPU backend under PP>1)")
     parser.add_argument("--no-batch-p2p-guard", action="store_true",
                         help="lift that refusal, to show why it exists")
+    parser.add_argument("--backend", default="sequential", choices=("sequential", "grouped"),
+                        help="expert / attention backend (the reference is always sequential)")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--reference", default=None)
     parser.add_argument("--out", required=True)
@@ -100,7 +102,7 @@ def main():
         params_dtype=torch.float32,
         batch_p2p_comm=args.batch_p2p_comm,
     )
-    chunks = build_dots_model_chunks(cfg, tc, backend="sequential")
+    chunks = build_dots_model_chunks(cfg, tc, backend=args.backend)
     full = mcore_full_state(make_hf_model(cfg, seed=31, bias_scale=0.05), cfg, tp=args.tp)
     for chunk in chunks:
         load_full_state_dict(chunk, full)
@@ -154,6 +156,8 @@ def compare(records, reference, chunks, out):
                     worst["grad" if kind == "grads" else "bias"], diff)
                 if not torch.allclose(value, expected, rtol=tol[0], atol=tol[1]):
                     failures.append(f"iteration {it}: {kind} of {key} differ by {diff:.3g}")
+    experts = sorted({type(m).__name__ for chunk in chunks for m in chunk.modules()
+                      if type(m).__name__ in ("SequentialMLP", "TorchGroupedExperts")})
     checked = torch.tensor([len(records[0]["grads"])])
     torch.distributed.all_reduce(checked)
     failed = torch.tensor([len(failures)])
@@ -163,7 +167,7 @@ def compare(records, reference, chunks, out):
     if torch.distributed.get_rank() == 0:
         with open(out, "w") as handle:
             json.dump({"worst": worst, "failures": int(failed), "grad_tensors_checked": int(checked),
-                       "losses": [r["loss"] for r in records]}, handle)
+                       "experts": experts, "losses": [r["loss"] for r in records]}, handle)
     return 1 if int(failed) else 0
 
 
