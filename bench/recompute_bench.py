@@ -41,65 +41,24 @@ CPU smoke check (dots-tiny, fp32, < 2 minutes):
 """
 
 import argparse
-import gc
 import json
 import os
 import platform
 import random
 import sys
 import time
-import types
 from typing import Dict, List, Optional, Sequence
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import build, finite, free_memory, json_default, mcore_version, sync  # noqa: E402
 
 GIB = float(1 << 30)
 STRATEGIES = ("planner", "static", "full", "none")
 
 
 # -- model ------------------------------------------------------------------------------------
-def build(args):
-    """(DotsConfig, TransformerConfig, DDP chunks, optimizer, device, dtype name)."""
-    import megatron_dots  # noqa: F401  (compat patches before Megatron-Core is used)
-    from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallelConfig
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from megatron_dots.compat.distributed import default_device, init_distributed
-    from megatron_dots.config import DotsConfig
-    from megatron_dots.model import build_dots_model_chunks
-    from megatron_dots.training.optimizer import build_optimizer
-    from megatron_dots.training.step import wrap_with_ddp
-
-    init_distributed()
-    parallel_state.initialize_model_parallel(1, 1)
-    torch.manual_seed(args.seed)
-    model_parallel_cuda_manual_seed(args.seed)
-
-    device = default_device()
-    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    bf16 = dtype == "bf16"
-    params_dtype = torch.bfloat16 if bf16 else torch.float32
-    dc = DotsConfig.preset(args.model)
-    cfg = dc.to_transformer_config(bf16=bf16, params_dtype=params_dtype, pipeline_dtype=params_dtype)
-    chunks = build_dots_model_chunks(dc, cfg, backend=args.expert_backend)
-    for chunk in chunks:
-        chunk.to(device)
-    if bf16:
-        from megatron.core.transformer.module import Float16Module
-
-        chunks = [Float16Module(cfg, chunk) for chunk in chunks]
-    chunks = wrap_with_ddp(
-        chunks, cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
-    )
-    opt_args = types.SimpleNamespace(
-        optimizer="adam", lr=args.lr, min_lr=0.0, weight_decay=0.0, adam_beta1=0.9,
-        adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0, bf16=bf16, use_distributed_optimizer=False,
-    )
-    optimizer = build_optimizer(opt_args, chunks)
-    return dc, cfg, chunks, optimizer, device, dtype
-
-
 # -- workload ---------------------------------------------------------------------------------
 def draw_workload(args) -> List[List[int]]:
     """Per step, the sequence length of each micro-batch (seeded, the same for every strategy)."""
@@ -181,18 +140,6 @@ def static_block_layers(ctl, args) -> Dict[str, object]:
 
 
 # -- running ----------------------------------------------------------------------------------
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free_memory(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def run_strategy(name, recompute, chunks, optimizer, workload, args, vocab, device, ctl=None):
     """Run every step of the workload; per-step records (a CUDA OOM ends the strategy)."""
     from megatron_dots.training.step import train_step
@@ -461,7 +408,7 @@ def main(argv=None):
         "host": {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "megatron_core": _mcore_version(),
+            "megatron_core": mcore_version(),
         },
         "args": vars(args),
         "dtype": dtype,
@@ -474,38 +421,12 @@ def main(argv=None):
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(_finite(report), f, indent=2, default=_json_default)
+        json.dump(finite(report), f, indent=2, default=json_default)
     print(f"report: {args.out}")
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
     return report
-
-
-def _mcore_version():
-    try:
-        from megatron.core.package_info import __version__
-
-        return __version__
-    except Exception:  # pragma: no cover
-        return None
-
-
-def _finite(value):
-    """NaN / infinity (e.g. a calibration step's predicted peak) as null: strict JSON."""
-    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _json_default(value):
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
 
 
 if __name__ == "__main__":

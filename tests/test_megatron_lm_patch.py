@@ -17,6 +17,8 @@ import sys
 import pytest
 import torch
 
+from megatron_dots.compat.versions import HAVE_TE
+
 from megatron_dots import DotsConfig
 from megatron_dots import megatron_lm
 from megatron_dots.megatron_lm import (
@@ -214,6 +216,16 @@ def test_provider_builds_the_dots_model(seeded):
     assert loss.shape == (2, 16) and torch.isfinite(loss).all()
     logits = model(tokens, positions, None)
     assert logits.shape == (2, 16, padded)
+
+
+@pytest.mark.parametrize("extra,experts", [
+    ((), "TorchGroupedExperts" if not HAVE_TE else "TEGroupedMLP"),
+    (("--transformer-impl", "local"), "TorchGroupedExperts"),
+    (("--transformer-impl", "local", "--dots-expert-backend", "sequential"), "SequentialMLP"),
+])
+def test_provider_backend_follows_the_flags(seeded, extra, experts):
+    model = dots_model_provider(megatron_lm_args(*TINY, *extra))
+    assert type(model.decoder.layers[-1].mlp.experts).__name__ == experts
 
 
 def test_provider_rejects_flags_a_dots_model_cannot_have(single_process_world):

@@ -1,0 +1,89 @@
+"""Helpers shared by the GPU benchmarks: one-device model + DDP + optimizer, device sync and
+memory reset, and JSON-safe values."""
+
+import gc
+import types
+
+import torch
+
+
+def build(args):
+    """(DotsConfig, TransformerConfig, DDP chunks, optimizer, device, dtype name) for
+    ``args.model`` / ``args.dtype`` / ``args.expert_backend`` / ``args.lr`` / ``args.seed`` on
+    this process's default device, with world size 1."""
+    import megatron_dots  # noqa: F401  (compat patches before Megatron-Core is used)
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_dots.compat.distributed import default_device, init_distributed
+    from megatron_dots.config import DotsConfig
+    from megatron_dots.model import build_dots_model_chunks
+    from megatron_dots.training.optimizer import build_optimizer
+    from megatron_dots.training.step import wrap_with_ddp
+
+    init_distributed()
+    parallel_state.initialize_model_parallel(1, 1)
+    torch.manual_seed(args.seed)
+    model_parallel_cuda_manual_seed(args.seed)
+
+    device = default_device()
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    bf16 = dtype == "bf16"
+    params_dtype = torch.bfloat16 if bf16 else torch.float32
+    dc = DotsConfig.preset(args.model)
+    cfg = dc.to_transformer_config(bf16=bf16, params_dtype=params_dtype, pipeline_dtype=params_dtype)
+    chunks = build_dots_model_chunks(dc, cfg, backend=args.expert_backend)
+    for chunk in chunks:
+        chunk.to(device)
+    if bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        chunks = [Float16Module(cfg, chunk) for chunk in chunks]
+    chunks = wrap_with_ddp(
+        chunks, cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
+    )
+    opt_args = types.SimpleNamespace(
+        optimizer="adam", lr=args.lr, min_lr=0.0, weight_decay=0.0, adam_beta1=0.9,
+        adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0, bf16=bf16, use_distributed_optimizer=False,
+    )
+    optimizer = build_optimizer(opt_args, chunks)
+    return dc, cfg, chunks, optimizer, device, dtype
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def mcore_version():
+    try:
+        from megatron.core.package_info import __version__
+
+        return __version__
+    except Exception:  # pragma: no cover
+        return None
+
+
+def finite(value):
+    """NaN / infinity (e.g. a calibration step's predicted peak) as null: strict JSON."""
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def json_default(value):
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
