@@ -18,8 +18,9 @@ Cases (all in one process, same shapes, same dtype):
 
 For every case the report gives ms per forward+backward (mean over ``--iters`` after
 ``--warmup``), TFLOP/s of the model FLOPs (forward x 3, causal attention counted half), tokens/s
-and the peak memory above what was allocated before the case ran (``torch.cuda`` statistics;
-null on CPU). ``ours-*`` are also checked against ``mcore-*``: the largest output difference and
+the peak memory above what was allocated before the case ran (``torch.cuda`` statistics; null on
+CPU) and, for the layer / MoE cases, the bytes autograd saves for backward in one forward
+(parameters excluded; counted by saved-tensor hooks, so also on CPU). ``ours-*`` are also checked against ``mcore-*``: the largest output difference and
 whether the router chose exactly the same experts for every token.
 
 GPU (one H100; the dots.llm1 layer of arXiv 2506.05767, 2 x 4096 tokens, bf16):
@@ -103,18 +104,26 @@ def time_case(step: Callable[[], None], args, device) -> Dict[str, Optional[floa
     return {"ms": ms, "peak_gib": peak}
 
 
-def fwd_bwd(module_call, inputs, grad_seed=0):
-    """A step: forward `module_call(*inputs)` and backward a fixed random gradient."""
+def fwd_bwd(module_call, inputs, params, grad_seed=0):
+    """(step, saved bytes): a step runs forward `module_call(*inputs)` and backward a fixed
+    random gradient; saved bytes are what autograd keeps for backward after one forward
+    (parameters excluded; device independent, so comparable on CPU too)."""
+    from megatron_dots.recompute.measure import SavedBytes
+
+    counter = SavedBytes(params)
+    with counter.counting():
+        out = module_call(*inputs)
+    saved = counter.total()
     gen = torch.Generator(device=inputs[0].device).manual_seed(grad_seed)
-    out = module_call(*inputs)
     grad = torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
+    del out
 
     def step():
         for t in inputs:
             t.grad = None
         module_call(*inputs).backward(grad)
 
-    return step
+    return step, saved
 
 
 # -- models -----------------------------------------------------------------------------------
@@ -159,8 +168,8 @@ def megatron_cases(name: str, backend: str, dc, args, device, dtype, results, ou
     for part in ("layer", "moe"):
         case = f"{name}-{part}"
         if case in args.cases:
-            step = fwd_bwd(calls[part], [x])
-            results[case] = record(time_case(step, args, device), flops[part], tokens)
+            step, saved = fwd_bwd(calls[part], [x], layer.parameters())
+            results[case] = record(time_case(step, args, device), flops[part], tokens, saved)
             if args.profile and name == "ours":
                 profile(step, case, args, device)
     return layer
@@ -205,12 +214,15 @@ def hf_cases(dc, args, device, dtype, results):
     cos_sin = rope(x, positions)
     tokens = args.batch * args.seq
     if "hf-layer" in args.cases:
-        step = fwd_bwd(lambda t: layer(t, position_ids=positions, position_embeddings=cos_sin), [x])
+        step, saved = fwd_bwd(
+            lambda t: layer(t, position_ids=positions, position_embeddings=cos_sin), [x],
+            layer.parameters())
         flops = 3 * (attention_flops(dc, args.batch, args.seq) + moe_flops(dc, tokens))
-        results["hf-layer"] = record(time_case(step, args, device), flops, tokens)
+        results["hf-layer"] = record(time_case(step, args, device), flops, tokens, saved)
     if "hf-moe" in args.cases:
-        step = fwd_bwd(layer.mlp, [x])
-        results["hf-moe"] = record(time_case(step, args, device), 3 * moe_flops(dc, tokens), tokens)
+        step, saved = fwd_bwd(layer.mlp, [x], layer.parameters())
+        results["hf-moe"] = record(time_case(step, args, device), 3 * moe_flops(dc, tokens),
+                                   tokens, saved)
 
 
 def balanced_experts_case(layer, dc, args, device, dtype, results):
@@ -288,10 +300,11 @@ def train_step_case(args, device, results):
     results["train-step"] = out
 
 
-def record(timing, flops: float, tokens: Optional[int]):
+def record(timing, flops: float, tokens: Optional[int], saved_bytes: Optional[int] = None):
     seconds = timing["ms"] / 1e3
     return {**timing, "tflops": flops / seconds / 1e12,
-            "tokens_per_s": None if tokens is None else tokens / seconds}
+            "tokens_per_s": None if tokens is None else tokens / seconds,
+            "saved_mib": None if saved_bytes is None else saved_bytes / (1 << 20)}
 
 
 def compare(outputs, results):
@@ -312,9 +325,10 @@ def fmt(value, spec):
 
 
 def table(results):
-    head = ("case", "ms", "TFLOP/s", "tokens/s", "peak GiB")
+    head = ("case", "ms", "TFLOP/s", "tokens/s", "peak GiB", "saved MiB")
     rows = [(case, fmt(r["ms"], ".2f"), fmt(r["tflops"], ".1f"), fmt(r["tokens_per_s"], ",.0f"),
-             fmt(r["peak_gib"], ".2f")) for case, r in results.items()]
+             fmt(r["peak_gib"], ".2f"), fmt(r.get("saved_mib"), ",.1f"))
+            for case, r in results.items()]
     return head, rows
 
 

@@ -259,3 +259,65 @@ def test_checkpoints_load_across_backends(seeded, tmp_path, save_with, load_with
     assert saved.keys() == loaded.keys()
     for key in saved:
         assert torch.equal(saved[key], loaded[key]), key
+
+
+@pytest.mark.parametrize("overlap_grad_reduce", [False, True])
+def test_delayed_weight_gradients_through_megatron_ddp(seeded, overlap_grad_reduce):
+    """Megatron-Core DDP with delay_wgrad_compute hooks the experts module instead of its
+    weights: after backward the expert main_grads are still empty, backward_dw fills them with
+    what the immediate path gives (and, with overlapped reduction, marks them ready)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    from megatron_dots.training.step import wrap_with_ddp
+
+    cfg, immediate = build_pair()
+    _, delayed = build_pair()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(4))
+    positions = torch.arange(16).expand(2, 16)
+    grads = {}
+    for name, model in (("immediate", immediate["grouped"]), ("delayed", delayed["grouped"])):
+        experts = [m for m in model.modules() if isinstance(m, TorchGroupedExperts)]
+        if name == "delayed":
+            for module in experts:
+                module.delay_wgrad = True
+                module.weight1.skip_backward_post_hook = True
+                module.weight2.skip_backward_post_hook = True
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
+            delay_wgrad_compute=name == "delayed")
+        (ddp,) = wrap_with_ddp([model], model.config, ddp_config)
+        ddp.zero_grad_buffer()
+        loss = ddp(tokens[:, :-1], positions, None, labels=tokens[:, 1:]).float().mean()
+        loss.backward()
+        if name == "delayed":
+            assert all(m.weight1.main_grad.abs().max() == 0 for m in experts)
+            for module in experts:
+                module.backward_dw()
+        ddp.finish_grad_sync()
+        grads[name] = {n: p.main_grad.clone() for n, p in model.named_parameters()}
+    assert grads["immediate"].keys() == grads["delayed"].keys()
+    for key, expected in grads["immediate"].items():
+        torch.testing.assert_close(grads["delayed"][key], expected, rtol=1e-6, atol=1e-8,
+                                   msg=key)
+    assert grads["immediate"]["decoder.layers.1.mlp.experts.weight1"].abs().max() > 0
+
+
+def test_kernel_refusal_falls_back_to_the_loop(monkeypatch, caplog):
+    """If torch's kernel raises on operands that passed the checks, the loop takes over (once
+    warned) and the result is still right."""
+    from megatron_dots.model import grouped_gemm
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no grouped GEMM kernel for this device")
+
+    monkeypatch.setattr(grouped_gemm, "_GROUPED_MM", refuse)
+    monkeypatch.setattr(grouped_gemm, "_REFUSED", set())
+    x = torch.randn(sum(COUNTS), 16)
+    weight = torch.randn(len(COUNTS), 24, 16)
+    offs = group_offsets(torch.tensor(COUNTS), x.device)
+    assert kernel_for(x, weight.transpose(1, 2)) == "grouped_mm"
+    with caplog.at_level("WARNING"):
+        out = grouped_linear(x, weight, offs)
+    torch.testing.assert_close(out.double(), reference_linear(x, weight, COUNTS),
+                               rtol=1e-5, atol=1e-5)
+    assert "refused" in caplog.text and kernel_for(x, weight.transpose(1, 2)) == "loop"

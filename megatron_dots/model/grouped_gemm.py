@@ -12,17 +12,23 @@ Both call ``torch.nn.functional.grouped_mm`` (else ``torch._grouped_mm``) when t
 the operands: CPU float32 / bfloat16 / float16; CUDA bfloat16 on compute capability >= 8.0; every
 non-unit stride and the data pointers 16-byte aligned. Otherwise (float64, fp32 on CUDA,
 unaligned dimensions, an older torch) they loop over the groups with ordinary matmuls, which is
-slow but exact; `kernel_for` says which path a call takes.
+slow but exact; `kernel_for` says which path a call takes. Should the kernel still refuse
+operands that pass these checks (a GPU or torch build without it), the device and dtype are
+remembered, a warning is logged once, and the loop is used from then on.
 """
 
+import logging
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+logger = logging.getLogger(__name__)
+
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ALIGN = 16  # bytes
+_REFUSED = set()  # (device type, dtype) where the kernel raised
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -34,6 +40,8 @@ def _aligned(t: torch.Tensor) -> bool:
 
 
 def _device_ok(t: torch.Tensor) -> bool:
+    if (t.device.type, t.dtype) in _REFUSED:
+        return False
     if t.device.type == "cpu":
         return t.dtype in _CPU_DTYPES
     if t.device.type == "cuda":
@@ -46,6 +54,17 @@ def kernel_for(a: torch.Tensor, b: torch.Tensor) -> str:
     if _GROUPED_MM is None or a.dtype != b.dtype or not _device_ok(a):
         return "loop"
     return "grouped_mm" if _aligned(a) and _aligned(b) else "loop"
+
+
+def _try_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor):
+    """torch's grouped GEMM, or None (remembered, warned once) if it refuses these operands."""
+    try:
+        return _GROUPED_MM(a, b, offs=offs)
+    except RuntimeError as err:
+        _REFUSED.add((a.device.type, a.dtype))
+        logger.warning("torch grouped_mm refused %s %s operands (%s); using the per-expert "
+                       "loop for them from now on (slower)", a.device.type, a.dtype, err)
+        return None
 
 
 def group_offsets(tokens_per_group: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -73,7 +92,9 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor,
     if x.shape[0] == 0:
         return x.new_zeros(0, weight.shape[1])
     if kernel_for(x, b) == "grouped_mm":
-        return _GROUPED_MM(x, b, offs=offs)
+        out = _try_grouped_mm(x, b, offs)
+        if out is not None:
+            return out
     out = x.new_empty(x.shape[0], weight.shape[1])
     for g, (lo, hi) in enumerate(_bounds(offs, counts)):
         if hi > lo:
@@ -87,7 +108,9 @@ def grouped_weight_grad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor,
     groups = offs.numel()
     a = dy.t()
     if x.shape[0] > 0 and kernel_for(a, x) == "grouped_mm":
-        return _GROUPED_MM(a, x, offs=offs)
+        out = _try_grouped_mm(a, x, offs)
+        if out is not None:
+            return out
     out = x.new_zeros(groups, dy.shape[1], x.shape[1])
     for g, (lo, hi) in enumerate(_bounds(offs, counts)):
         if hi > lo:
