@@ -2,6 +2,10 @@
 memory reset, and JSON-safe values."""
 
 import gc
+import json
+import os
+import platform
+import time
 import types
 
 import torch
@@ -87,3 +91,20 @@ def json_default(value):
     if hasattr(value, "item"):
         return value.item()
     return str(value)
+
+
+def host_info(device) -> dict:
+    """Where and with what a report was measured."""
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+        "megatron_core": mcore_version(),
+    }
+
+
+def write_report(report: dict, path: str) -> None:
+    """`report` as strict JSON (NaN / infinity as null) at `path`, creating its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(finite(report), f, indent=2, default=json_default)

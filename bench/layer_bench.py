@@ -39,9 +39,7 @@ most expensive operators: where the router, permutation and grouped GEMMs spend 
 """
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 import types
@@ -50,7 +48,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import build, finite, free_memory, json_default, mcore_version, sync  # noqa: E402
+from common import build, free_memory, host_info, sync, write_report  # noqa: E402
 
 CASES = ("matmul", "ours-layer", "ours-moe", "mcore-layer", "mcore-moe", "te-layer", "te-moe",
          "hf-layer", "hf-moe", "experts-balanced", "train-step")
@@ -131,7 +129,9 @@ def layer_dots_config(args):
     from megatron_dots.config import DotsConfig
 
     # layer 0 dense, layer 1 the MoE layer we time; a small vocabulary (no embedding cost)
-    return DotsConfig.preset(args.model, num_layers=2, first_k_dense=1, vocab_size=1024)
+    overrides = {"num_moe_experts": args.num_experts} if args.num_experts else {}
+    return DotsConfig.preset(args.model, num_layers=2, first_k_dense=1, vocab_size=1024,
+                             **overrides)
 
 
 def megatron_layer(dc, backend: str, args, device, dtype):
@@ -350,6 +350,9 @@ def parse_args(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="dots.llm1",
                         help="DotsConfig preset whose layer shapes are timed")
+    parser.add_argument("--num-experts", type=int, default=None,
+                        help="override the preset's routed-expert count (e.g. to compare saved "
+                        "bytes at real hidden / ffn sizes on a CPU without 128 experts' weights)")
     parser.add_argument("--batch", type=int, default=2, help="sequences per call")
     parser.add_argument("--seq", type=int, default=4096, help="sequence length")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
@@ -428,11 +431,7 @@ def main(argv=None):
     for case, why in skipped.items():
         print(f"skipped {case}: {why}")
     report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        or "cpu",
-        "date": time.strftime("%Y-%m-%d"),
-        "torch": torch.__version__,
-        "megatron_core": mcore_version(),
+        "host": host_info(device),
         "shapes": {"model": args.model, "hidden": dc.hidden_size, "experts": dc.num_moe_experts,
                    "topk": dc.moe_router_topk, "moe_ffn": dc.moe_ffn_hidden_size,
                    "shared_ffn": dc.shared_expert_intermediate_size, "batch": args.batch,
@@ -443,9 +442,7 @@ def main(argv=None):
         "args": vars(args),
     }
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(finite(report), f, indent=2, default=json_default)
+        write_report(report, args.out)
         print(f"wrote {args.out}")
     parallel_state.destroy_model_parallel()
     return report

@@ -41,9 +41,7 @@ CPU smoke check (dots-tiny, fp32, < 2 minutes):
 """
 
 import argparse
-import json
 import os
-import platform
 import random
 import sys
 import time
@@ -52,7 +50,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import build, finite, free_memory, json_default, mcore_version, sync  # noqa: E402
+from common import build, free_memory, host_info, sync, write_report  # noqa: E402
 
 GIB = float(1 << 30)
 STRATEGIES = ("planner", "static", "full", "none")
@@ -405,11 +403,7 @@ def main(argv=None):
 
     report = {
         "date": time.strftime("%Y-%m-%d"),
-        "host": {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "megatron_core": mcore_version(),
-        },
+        "host": host_info(device),
         "args": vars(args),
         "dtype": dtype,
         "parameters": total,
@@ -419,9 +413,7 @@ def main(argv=None):
         "workload": workload,
         "results": results,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(finite(report), f, indent=2, default=json_default)
+    write_report(report, args.out)
     print(f"report: {args.out}")
     from megatron.core import parallel_state
 
