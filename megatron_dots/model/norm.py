@@ -3,10 +3,13 @@
 Megatron-Core's torch fallback (`WrappedTorchNorm`) refuses sequence parallelism; this norm
 accepts it by marking its weight `sequence_parallel` so `finalize_model_grads` sums the weight
 gradient over the tensor-parallel group (as it does for TE norms). The arithmetic matches
-Hugging Face's `Dots1RMSNorm`: normalise in fp32, cast back, then scale.
+Hugging Face's `Dots1RMSNorm`: normalise in fp32, cast back, then scale. The normalisation is
+`torch.nn.functional.rms_norm` (torch's fused kernel where it has one; on CPU the same operations
+as the written-out formula, bit for bit).
 """
 
 import torch
+import torch.nn.functional as F
 
 
 class DotsRMSNorm(torch.nn.Module):
@@ -24,8 +27,7 @@ class DotsRMSNorm(torch.nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         dtype = hidden_states.dtype
-        x = hidden_states.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = F.rms_norm(hidden_states.float(), (hidden_states.shape[-1],), eps=self.eps)
         return self.weight * x.to(dtype)
 
     def extra_repr(self) -> str:
