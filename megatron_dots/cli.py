@@ -154,6 +154,12 @@ def _plot_experts(argv) -> int:
     return main(argv)
 
 
+def _simulate_schedule(argv) -> int:
+    from .schedule.simulate_cli import main
+
+    return main(argv)
+
+
 DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 
 
@@ -167,6 +173,8 @@ COMMANDS = {
                  "processes)"),
     "preprocess": (_preprocess, "JSONL -> Megatron indexed dataset (.bin/.idx), multiprocess"),
     "plot-experts": (_plot_experts, "expert-load CSV -> PNG heatmap (layer x expert)"),
+    "simulate-schedule": (_simulate_schedule, "step time, bubble and exposed all-to-all of "
+                          "1F1B / interleaved / overlapped schedules from per-op times (PNG)"),
 }
 
 

@@ -71,7 +71,7 @@ def plot_expert_heatmap(csv_path: str, png_path: str, iteration: Optional[int] =
     layers, matrix, used = heatmap_matrix(records, iteration, window)
     n_layers, n_experts = matrix.shape
     uniform = 1.0 / n_experts
-    fig = _new_figure(width=min(24.0, max(6.0, 2.5 + 0.09 * n_experts)),
+    fig = new_figure(width=min(24.0, max(6.0, 2.5 + 0.09 * n_experts)),
                       height=min(20.0, max(4.0, 1.8 + 0.22 * n_layers)))
     from matplotlib import colormaps
     from matplotlib.colors import LogNorm
@@ -100,7 +100,7 @@ def plot_expert_heatmap(csv_path: str, png_path: str, iteration: Optional[int] =
     ax.set_title(f"expert load, {when}\nmax share {100 * matrix.max():.2f}% (layer "
                  f"{layers[row]}, expert {expert}); uniform 1/E = {100 * uniform:.3g}%",
                  fontsize=10)
-    return _save_png(fig, png_path)
+    return save_png(fig, png_path)
 
 
 # --------------------------------------------------------------------------- loss curves
@@ -120,7 +120,7 @@ def plot_loss(records: Iterable[Tuple[int, float]], png_path: str, title: str = 
         series.append((x2, y2, second_label, {"marker": "o", "markersize": 3, "linewidth": 1.2}))
     if logy and not any(np.any(np.isfinite(s[1]) & (s[1] > 0)) for s in series):
         raise TelemetryError("plot_loss: logy needs at least one positive loss")
-    fig = _new_figure(width=8.0, height=4.5)
+    fig = new_figure(width=8.0, height=4.5)
     ax = fig.add_subplot()
     for xs, ys, name, style in series:
         ax.plot(xs, ys, label=name, **style)
@@ -135,7 +135,7 @@ def plot_loss(records: Iterable[Tuple[int, float]], png_path: str, title: str = 
     ax.set_title(f"{title}{last}", fontsize=10)
     if len(series) > 1:
         ax.legend()
-    return _save_png(fig, png_path)
+    return save_png(fig, png_path)
 
 
 def _series(records, name: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -211,7 +211,7 @@ def plot_loss_csv(csv_path: str, png_path: str, column: str = "loss",
 # --------------------------------------------------------------------------- output
 
 
-def _new_figure(width: float, height: float):
+def new_figure(width: float, height: float):
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -223,7 +223,7 @@ def _new_figure(width: float, height: float):
     return fig
 
 
-def _save_png(fig, png_path: str) -> str:
+def save_png(fig, png_path: str) -> str:
     """Render `fig` to a hidden sibling of `png_path`, then rename it into place."""
     parent, name = os.path.split(os.path.abspath(png_path))
     os.makedirs(parent, exist_ok=True)
