@@ -241,7 +241,10 @@ def balanced_experts_case(layer, dc, args, device, dtype, results):
 
     def call(xr, hs):
         out = experts(xr, counts, probs)[0]
-        return out.sum() + shared(hs)[0].float().sum()  # both outputs in one backward
+        shared_out = shared(hs)  # a tensor (SharedExpertMLP), (output, bias) from an MLP
+        if isinstance(shared_out, tuple):
+            shared_out = shared_out[0]
+        return out.float().sum() + shared_out.float().sum()  # both outputs in one backward
 
     def step():
         call(x, h).backward()
@@ -262,19 +265,14 @@ def matmul_case(args, device, results):
 
 def train_step_case(args, device, results):
     from megatron.core import parallel_state
-    from megatron.core.transformer.moe.moe_utils import (
-        MoEAuxLossAutoScaler,
-        get_moe_layer_wise_logging_tracker,
-    )
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     from megatron_dots.training.step import train_step
 
     parallel_state.destroy_model_parallel()
-    # state the layer cases left behind: the aux-loss tracker sized by their 2-layer model, and
-    # the aux-loss gradient scale their bare backward created as a 0-d tensor (the schedule's
-    # set_loss_scale copies a [1] tensor into it)
+    # the aux-loss tracker is sized by the layer cases' 2-layer model (the 0-d aux-loss scale
+    # their bare backward leaves is handled by compat.runtime_patches)
     get_moe_layer_wise_logging_tracker().clear()
-    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     build_args = types.SimpleNamespace(model=args.train_model, dtype=args.dtype,
                                        expert_backend=args.train_backend, lr=1e-5, seed=args.seed)
     dc, _, chunks, optimizer, device, _ = build(build_args)

@@ -7,7 +7,8 @@ only if the attribute exists; a moved or already fixed site is skipped and repor
 Status on 0.19 (CI runs the suite against megatron-core 0.19.2, see .ci/run): patch
 1 is skipped there (``te_general_gemm`` is bound in every branch); patch 2 is still needed
 (``maybe_move_tensor_to_cpu`` still converts CUDA tensors only) and its wrapper passes through
-the ``use_nccl_stream`` argument that 0.19 added to ``_AllToAll.forward``.
+the ``use_nccl_stream`` argument that 0.19 added to ``_AllToAll.forward``; patch 3 is needed on
+both.
 
 1. ``megatron/core/transformer/moe/moe_utils.py`` (megatron-core 0.16.1):
    ``RouterGatingLinearFunction.forward/backward`` test ``te_general_gemm is not None``, but
@@ -26,6 +27,14 @@ the ``use_nccl_stream`` argument that 0.19 added to ``_AllToAll.forward``.
    (``TypeError: all_to_all_single(): incompatible function arguments``). Fix: wrap
    ``_AllToAll.forward`` to convert split sizes (tensor / numpy / sequence) into Python lists
    of ints before calling the original (the lists are also what ``backward`` reuses).
+
+3. ``megatron/core/transformer/moe/moe_utils.py:MoEAuxLossAutoScaler.set_loss_scale``
+   (megatron-core 0.16.1 and 0.19.2): a backward through an auxiliary loss before any schedule
+   set the scale (a plain ``loss.backward()``, e.g. evaluation code or a unit test) creates
+   ``main_loss_backward_scale = torch.tensor(1.0)``, 0-d; the schedules later call
+   ``set_loss_scale`` with a [1]-shaped tensor and its ``copy_`` raises ``RuntimeError: output
+   with shape [] doesn't match the broadcast shape [1]``: every later training step in that
+   process fails. Fix: when the stored scale's shape differs, replace it instead of copying.
 """
 
 from __future__ import annotations
@@ -121,6 +130,38 @@ def _patch_all_to_all_split_sizes() -> None:
     )
 
 
+def _patch_aux_loss_scale_shape() -> None:
+    """moe_utils.py (0.16.1, 0.19.2): set_loss_scale copies into a 0-d scale a bare backward
+    created."""
+    site = "megatron/core/transformer/moe/moe_utils.py:MoEAuxLossAutoScaler.set_loss_scale"
+    try:
+        from megatron.core.transformer.moe import moe_utils
+    except Exception as exc:  # pragma: no cover
+        _SKIPPED.append((site, f"import failed: {exc}"))
+        return
+    cls = getattr(moe_utils, "MoEAuxLossAutoScaler", None)
+    if cls is None or "set_loss_scale" not in cls.__dict__:
+        _SKIPPED.append((site, "MoEAuxLossAutoScaler.set_loss_scale absent"))
+        return
+    original = cls.__dict__["set_loss_scale"]
+    original_fn = original.__func__ if isinstance(original, staticmethod) else original
+    if getattr(original_fn, "__megatron_dots_patched__", False):
+        return
+
+    @functools.wraps(original_fn)
+    def set_loss_scale(scale):
+        current = cls.main_loss_backward_scale
+        if current is not None and current.shape != scale.shape:
+            cls.main_loss_backward_scale = None  # the original then stores `scale` itself
+        return original_fn(scale)
+
+    set_loss_scale.__megatron_dots_patched__ = True
+    set_loss_scale.__wrapped_original__ = original_fn
+    cls.set_loss_scale = staticmethod(set_loss_scale)
+    _SITES.append((site, "a stored scale of another shape (the 0-d one a bare backward "
+                         "creates) is replaced instead of copied into"))
+
+
 def apply_runtime_patches() -> List[Tuple[str, str]]:
     """Apply all runtime patches once; returns :func:`applied_patches`."""
     global _APPLIED
@@ -128,5 +169,6 @@ def apply_runtime_patches() -> List[Tuple[str, str]]:
         if not _APPLIED:
             _patch_te_general_gemm()
             _patch_all_to_all_split_sizes()
+            _patch_aux_loss_scale_shape()
             _APPLIED = True
     return applied_patches()

@@ -97,3 +97,30 @@ def test_sites_exist_on_016():
     assert "megatron/core/tensor_parallel/mappings.py:_AllToAll.forward" in sites
     if not HAVE_TE:
         assert any("te_general_gemm" in s for s in sites)
+
+
+def test_aux_loss_scale_after_a_bare_backward():
+    """A plain backward through an aux loss leaves a 0-d scale; the schedule's [1]-shaped
+    set_loss_scale then fails upstream (0.16.1 and 0.19.2) and works with the patch."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    apply_runtime_patches()
+    original = MoEAuxLossAutoScaler.set_loss_scale.__wrapped_original__
+    saved = MoEAuxLossAutoScaler.main_loss_backward_scale
+    try:
+        for setter, should_fail in ((original, True), (MoEAuxLossAutoScaler.set_loss_scale, False)):
+            MoEAuxLossAutoScaler.main_loss_backward_scale = None
+            out = torch.ones(3, requires_grad=True)
+            aux = (out * 2).sum()
+            MoEAuxLossAutoScaler.apply(out, aux).sum().backward()  # a bare backward
+            assert MoEAuxLossAutoScaler.main_loss_backward_scale.dim() == 0
+            if should_fail:
+                with pytest.raises(RuntimeError, match="doesn't match the broadcast shape"):
+                    setter(torch.tensor([0.5]))
+            else:
+                setter(torch.tensor([0.5]))
+                assert MoEAuxLossAutoScaler.main_loss_backward_scale.tolist() == [0.5]
+                setter(torch.tensor([0.25]))  # later steps copy into it as upstream does
+                assert MoEAuxLossAutoScaler.main_loss_backward_scale.tolist() == [0.25]
+    finally:
+        MoEAuxLossAutoScaler.main_loss_backward_scale = saved
