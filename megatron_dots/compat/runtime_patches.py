@@ -40,6 +40,7 @@ both.
 from __future__ import annotations
 
 import functools
+import importlib
 import threading
 from typing import List, Tuple
 
@@ -88,78 +89,68 @@ def _patch_te_general_gemm() -> None:
     )
 
 
-def _patch_all_to_all_split_sizes() -> None:
-    """mappings.py (0.16.1): ``_AllToAll.forward`` given tensor split sizes on CPU."""
-    site = "megatron/core/tensor_parallel/mappings.py:_AllToAll.forward"
+def _wrap_staticmethod(site: str, module: str, cls_name: str, method: str, make_wrapper,
+                       description: str) -> None:
+    """Replace the static method ``module.cls_name.method`` by ``make_wrapper(original)``;
+    skipped (and reported) when the site is missing, a no-op when already wrapped. The
+    wrapper keeps the original as ``__wrapped_original__`` (tests call it to show the defect)."""
     try:
-        from megatron.core.tensor_parallel import mappings
-    except Exception as exc:  # pragma: no cover
+        owner = importlib.import_module(module)
+    except Exception as exc:  # pragma: no cover - moved module
         _SKIPPED.append((site, f"import failed: {exc}"))
         return
-    cls = getattr(mappings, "_AllToAll", None)
-    if cls is None or "forward" not in cls.__dict__:
-        _SKIPPED.append((site, "_AllToAll.forward absent"))
+    cls = getattr(owner, cls_name, None)
+    if cls is None or method not in cls.__dict__:
+        _SKIPPED.append((site, f"{cls_name}.{method} absent"))
         return
-    original = cls.__dict__["forward"]
+    original = cls.__dict__[method]
     original_fn = original.__func__ if isinstance(original, staticmethod) else original
     if getattr(original_fn, "__megatron_dots_patched__", False):
         return
+    wrapper = functools.wraps(original_fn)(make_wrapper(original_fn))
+    wrapper.__megatron_dots_patched__ = True
+    wrapper.__wrapped_original__ = original_fn
+    setattr(cls, method, staticmethod(wrapper))
+    _SITES.append((site, description))
 
-    @functools.wraps(original_fn)
-    def forward(ctx, group, input, output_split_sizes, input_split_sizes, *args, **kwargs):
-        # *args/**kwargs: later releases add parameters (0.19: use_nccl_stream)
-        return original_fn(
-            ctx,
-            group,
-            input,
-            as_split_sizes(output_split_sizes),
-            as_split_sizes(input_split_sizes),
-            *args,
-            **kwargs,
-        )
 
-    forward.__megatron_dots_patched__ = True
-    forward.__wrapped_original__ = original_fn
-    cls.forward = staticmethod(forward)
-    _SITES.append(
-        (
-            site,
-            "split sizes converted to list[int] (MoEAlltoAllTokenDispatcher keeps them as "
-            "torch tensors on CPU; all_to_all_single rejects tensors)",
-        )
-    )
+def _patch_all_to_all_split_sizes() -> None:
+    """mappings.py (0.16.1): ``_AllToAll.forward`` given tensor split sizes on CPU."""
+
+    def make_wrapper(original_fn):
+        def forward(ctx, group, input, output_split_sizes, input_split_sizes, *args, **kwargs):
+            # *args/**kwargs: later releases add parameters (0.19: use_nccl_stream)
+            return original_fn(ctx, group, input, as_split_sizes(output_split_sizes),
+                               as_split_sizes(input_split_sizes), *args, **kwargs)
+
+        return forward
+
+    _wrap_staticmethod(
+        "megatron/core/tensor_parallel/mappings.py:_AllToAll.forward",
+        "megatron.core.tensor_parallel.mappings", "_AllToAll", "forward", make_wrapper,
+        "split sizes converted to list[int] (MoEAlltoAllTokenDispatcher keeps them as "
+        "torch tensors on CPU; all_to_all_single rejects tensors)")
 
 
 def _patch_aux_loss_scale_shape() -> None:
     """moe_utils.py (0.16.1, 0.19.2): set_loss_scale copies into a 0-d scale a bare backward
     created."""
-    site = "megatron/core/transformer/moe/moe_utils.py:MoEAuxLossAutoScaler.set_loss_scale"
-    try:
-        from megatron.core.transformer.moe import moe_utils
-    except Exception as exc:  # pragma: no cover
-        _SKIPPED.append((site, f"import failed: {exc}"))
-        return
-    cls = getattr(moe_utils, "MoEAuxLossAutoScaler", None)
-    if cls is None or "set_loss_scale" not in cls.__dict__:
-        _SKIPPED.append((site, "MoEAuxLossAutoScaler.set_loss_scale absent"))
-        return
-    original = cls.__dict__["set_loss_scale"]
-    original_fn = original.__func__ if isinstance(original, staticmethod) else original
-    if getattr(original_fn, "__megatron_dots_patched__", False):
-        return
+    def make_wrapper(original_fn):
+        def set_loss_scale(scale):
+            from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler as cls
 
-    @functools.wraps(original_fn)
-    def set_loss_scale(scale):
-        current = cls.main_loss_backward_scale
-        if current is not None and current.shape != scale.shape:
-            cls.main_loss_backward_scale = None  # the original then stores `scale` itself
-        return original_fn(scale)
+            current = cls.main_loss_backward_scale
+            if current is not None and current.shape != scale.shape:
+                cls.main_loss_backward_scale = None  # the original then stores `scale` itself
+            return original_fn(scale)
 
-    set_loss_scale.__megatron_dots_patched__ = True
-    set_loss_scale.__wrapped_original__ = original_fn
-    cls.set_loss_scale = staticmethod(set_loss_scale)
-    _SITES.append((site, "a stored scale of another shape (the 0-d one a bare backward "
-                         "creates) is replaced instead of copied into"))
+        return set_loss_scale
+
+    _wrap_staticmethod(
+        "megatron/core/transformer/moe/moe_utils.py:MoEAuxLossAutoScaler.set_loss_scale",
+        "megatron.core.transformer.moe.moe_utils", "MoEAuxLossAutoScaler", "set_loss_scale",
+        make_wrapper, "a stored scale of another shape (the 0-d one a bare backward creates) "
+        "is replaced instead of copied into")
 
 
 def apply_runtime_patches() -> List[Tuple[str, str]]:

@@ -35,6 +35,7 @@ from megatron_dots.convert.sharding import (  # noqa: E402
 )
 from megatron_dots.model import build_dots_model_chunks  # noqa: E402
 from megatron_dots.training import forward_backward, wrap_with_ddp  # noqa: E402
+from layout_flags import add_layout_flags, layout_sizes  # noqa: E402
 from reference import make_hf_model, mcore_full_state, tiny_config  # noqa: E402
 
 GLOBAL_MICRO_BATCHES = 4
@@ -44,12 +45,7 @@ SEQ_LENGTH = 16
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--vpp", type=int, default=None)
-    parser.add_argument("--ep", type=int, default=1)
-    parser.add_argument("--etp", type=int, default=None, help="expert TP (default: = TP)")
-    parser.add_argument("--sp", action="store_true")
+    add_layout_flags(parser)
     parser.add_argument("--batch-p2p-comm", action="store_true",
                         help="batched pipeline p2p (refused by the CPU backend under PP>1)")
     parser.add_argument("--no-batch-p2p-guard", action="store_true",
@@ -82,21 +78,11 @@ def main():
 
         cls = p2p_communication.P2PCommunicator
         cls.__init__ = getattr(cls.__init__, "__wrapped_original__", cls.__init__)
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=args.tp,
-        pipeline_model_parallel_size=args.pp,
-        virtual_pipeline_model_parallel_size=args.vpp,
-        expert_model_parallel_size=args.ep,
-        expert_tensor_parallel_size=args.etp,
-    )
+    parallel_state.initialize_model_parallel(**layout_sizes(args))
     model_parallel_cuda_manual_seed(123)
     cfg = dots_config()
     tc = cfg.to_transformer_config(
-        tensor_model_parallel_size=args.tp,
-        pipeline_model_parallel_size=args.pp,
-        virtual_pipeline_model_parallel_size=args.vpp,
-        expert_model_parallel_size=args.ep,
-        expert_tensor_parallel_size=args.etp,
+        **layout_sizes(args),
         sequence_parallel=args.sp,
         pipeline_dtype=torch.float32,
         params_dtype=torch.float32,

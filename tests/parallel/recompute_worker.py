@@ -30,6 +30,7 @@ from megatron_dots.config import DotsConfig  # noqa: E402
 from megatron_dots.model import build_dots_model_chunks  # noqa: E402
 from megatron_dots.recompute import RecomputeController  # noqa: E402
 from megatron_dots.training import forward_backward, wrap_with_ddp  # noqa: E402
+from layout_flags import add_layout_flags, layout_sizes  # noqa: E402
 
 MICRO_BATCHES = 4
 MICRO_BATCH_SIZE = 2
@@ -37,11 +38,7 @@ MICRO_BATCH_SIZE = 2
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--vpp", type=int, default=None)
-    parser.add_argument("--ep", type=int, default=1)
-    parser.add_argument("--sp", action="store_true", help="sequence parallel (MoE with TP needs it)")
+    add_layout_flags(parser)
     parser.add_argument("--iters", type=int, default=7)
     parser.add_argument("--budget-share", type=float, default=0.55,
                         help="budget as a share of the predicted peak without recompute")
@@ -70,14 +67,10 @@ def lengths(iteration, dp_rank, pp, multiple):
 def main():
     args = parse_args()
     init_distributed()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-        virtual_pipeline_model_parallel_size=args.vpp, expert_model_parallel_size=args.ep)
+    parallel_state.initialize_model_parallel(**layout_sizes(args))
     cfg = DotsConfig.preset("dots-tiny")
     tc = cfg.to_transformer_config(
-        tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-        virtual_pipeline_model_parallel_size=args.vpp, expert_model_parallel_size=args.ep,
-        sequence_parallel=args.sp,
+        **layout_sizes(args), sequence_parallel=args.sp,
         pipeline_dtype=torch.float32, params_dtype=torch.float32, batch_p2p_comm=False)
     planned, plain = build(cfg, tc, 7), build(cfg, tc, 7)
     ctl = RecomputeController(planned, tc, budget_bytes=1e12, bucket_tokens=8)
