@@ -17,6 +17,7 @@ operands that pass these checks (a GPU or torch build without it), the device an
 remembered, a warning is logged once, and the loop is used from then on.
 """
 
+import functools
 import logging
 from typing import Optional, Sequence
 
@@ -39,13 +40,18 @@ def _aligned(t: torch.Tensor) -> bool:
                for stride, dim in zip(t.stride(), t.shape) if dim > 1)
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def _device_ok(t: torch.Tensor) -> bool:
     if (t.device.type, t.dtype) in _REFUSED:
         return False
     if t.device.type == "cpu":
         return t.dtype in _CPU_DTYPES
     if t.device.type == "cuda":
-        return t.dtype == torch.bfloat16 and torch.cuda.get_device_capability(t.device)[0] >= 8
+        return t.dtype == torch.bfloat16 and _cuda_major(t.device.index) >= 8
     return False
 
 
