@@ -112,6 +112,9 @@ _TRAINER_ONLY = {
     "dots_expert_load_csv": ("--dots-expert-load-csv", "Megatron-LM's MoE logging "
                              "(--moe-per-layer-logging)"),
     "dots_loss_csv": ("--dots-loss-csv", "Megatron-LM's --tensorboard-dir / --wandb-project"),
+    "dots_a2a_overlap": ("--dots-a2a-overlap", "Megatron-LM's --overlap-moe-expert-parallel-comm "
+                         "[--delay-wgrad-compute]: the dots model then computes its shared "
+                         "experts during the dispatch all-to-all as well"),
 }
 
 # TransformerConfig field -> the Megatron-LM flag that sets it (for check_transformer_config).

@@ -76,11 +76,30 @@ def test_valid_flags_fill_derived_values():
      ["--dots-recompute-bucket must be >= 1"]),
     (["--dots-recompute-budget-gb", "8", "--dots-recompute-margin", "1.5"], 1,
      ["--dots-recompute-margin must be in [0, 1)"]),
+    (["--delay-wgrad-compute"], 1, ["--delay-wgrad-compute needs --dots-a2a-overlap"]),
+    (["--dots-a2a-overlap"], 1, ["--dots-a2a-overlap", "--expert-model-parallel-size > 1"]),
+    (["--overlap-moe-expert-parallel-comm", "--expert-model-parallel-size", "2",
+      "--pipeline-model-parallel-size", "2", "--global-batch-size", "8"], 4,
+     ["--dots-a2a-overlap", "--num-layers-per-virtual-pipeline-stage"]),
+    (["--dots-a2a-overlap", "--expert-model-parallel-size", "2", "--dots-recompute-budget-gb",
+      "8"], 2, ["--dots-recompute-budget-gb is not supported with it"]),
 ])
 def test_bad_combinations_name_the_flags(argv, world, needles):
     message = error(argv, world)
     for needle in needles:
         assert needle in message, message
+
+
+def test_a2a_overlap_flags():
+    args = parse_args(BASE + ["--dots-a2a-overlap", "--delay-wgrad-compute",
+                              "--expert-model-parallel-size", "2"], world_size=2)
+    assert args.dots_a2a_overlap and args.delay_wgrad_compute
+    alias = parse_args(BASE + ["--overlap-moe-expert-parallel-comm", "--global-batch-size", "8",
+                               "--expert-model-parallel-size", "2",
+                               "--pipeline-model-parallel-size", "2",
+                               "--num-layers-per-virtual-pipeline-stage", "1"], world_size=4)
+    assert alias.dots_a2a_overlap and not alias.delay_wgrad_compute
+    assert not parse_args(BASE).dots_a2a_overlap
 
 
 def test_data_and_tokenizer_flags(tmp_path):

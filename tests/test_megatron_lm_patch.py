@@ -235,6 +235,7 @@ def test_provider_rejects_flags_a_dots_model_cannot_have(single_process_world):
         (("--moe-router-score-function", "softmax"), "--moe-router-score-function sigmoid"),
         (("--expert-model-parallel-size", "3"), "--expert-model-parallel-size 3 does not divide"),
         (("--dots-batch-stages", "0:1M"), "--dots-batch-stages is a `megatron-dots pretrain`"),
+        (("--dots-a2a-overlap",), "use Megatron-LM's --overlap-moe-expert-parallel-comm"),
     )
     for extra, message in cases:
         args = megatron_lm_args(*TINY, *extra)

@@ -233,12 +233,16 @@ def single_process_curve(data, converted_start, tmp_path_factory):
     pytest.param([], id="dp2"),
     pytest.param(["--expert-model-parallel-size", "2"], id="ep2"),
     pytest.param(["--pipeline-model-parallel-size", "2"], id="pp2"),
+    pytest.param(["--expert-model-parallel-size", "2", "--dots-a2a-overlap",
+                  "--delay-wgrad-compute"], id="ep2-a2a-overlap"),
 ])
 def test_multi_process_layouts_train_like_one_process(layout, data, converted_start,
                                                       single_process_curve, tmp_path):
-    run(flags(data, tmp_path, train_iters=4, load=converted_start, global_batch_size=16,
-              dots_loss_csv=tmp_path / "losses.csv", eval_iters=0, **CONSTANT_LR) + layout,
-        nproc=2)
+    proc = run(flags(data, tmp_path, train_iters=4, load=converted_start, global_batch_size=16,
+                     dots_loss_csv=tmp_path / "losses.csv", eval_iters=0, **CONSTANT_LR)
+               + layout, nproc=2)
+    overlap = " schedule: all-to-all overlap (combined 1F1B, shared experts during dispatch, "
+    assert (overlap + "delayed expert wgrad)" in proc.stdout) == ("--dots-a2a-overlap" in layout)
     curve = losses(tmp_path / "losses.csv")
     assert sorted(curve) == [1, 2, 3, 4]
     # Same weights, same global batch: the first loss agrees to float32 reduction order,

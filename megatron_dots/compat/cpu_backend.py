@@ -115,6 +115,13 @@ release is skipped and reported by ``patched_sites(include_skipped=True)``):
   ``_communicate_shapes`` (receive buffers on ``current_device``, ``torch.cuda.synchronize``).
 * ``pipeline_parallel/schedules.py``: ``forward_backward_no_pipelining`` and the two pipelined
   schedules (``total_num_tokens = torch.zeros([], device="cuda")``).
+* The combined 1F1B schedule (``overlap_moe_expert_parallel_comm``, ``--dots-a2a-overlap``):
+  ``pipeline_parallel/utils.py`` (``ScheduleNode`` stream/event contexts, ``set_streams``
+  creating ``torch.cuda.Stream``), ``pipeline_parallel/combined_1f1b.py`` (``current_stream``),
+  ``models/common/model_chunk_schedule_plan.py`` (``torch.cuda.Event``, nvtx),
+  ``models/gpt/fine_grained_callables.py`` and on 0.19 ``models/common/fine_grained_callables.py``
+  (``current_stream``, nvtx). With gloo the all-to-alls are blocking: the schedule runs its
+  nodes in order, which is what the correctness tests need (no overlap is measured on CPU).
 * ``dist_checkpointing/strategies/filesystem_async.py``: ``FileSystemWriterAsync.preload_tensors``
   (``torch.cuda.synchronize``) on every ``dist_checkpointing.save``.
 * ``dist_checkpointing/strategies/state_dict_saver.py``: ``save_state_dict_async_finalize``
@@ -167,6 +174,11 @@ Function / method replacements:
   ``transformer.moe.token_dispatcher.MoEFlexTokenDispatcher.dispatch_preprocess``,
   ``transformer.torch_norm.L2Norm._norm``, ``transformer.utils.{erf_gelu,gelu_impl}``; the
   exact list is in :func:`patched_sites`.
+
+* ``torch.Tensor.record_stream`` -> returns without effect for CPU tensors, process-wide
+  (CPU-only processes only). The combined 1F1B schedule (``--dots-a2a-overlap``:
+  ``pipeline_parallel/utils.py:ScheduleNode``, ``models/gpt/fine_grained_callables.py``) records
+  tensors on its streams; torch has no CPU kernel for that and CPU work is synchronous.
 
 ``Tensor.cuda`` identity: the swap is process-wide but only for the duration of the two wrapped
 calls; on a CPU-only torch build ``Tensor.cuda`` can only raise, so nothing else changes.
@@ -461,6 +473,11 @@ PROXIED_MODULES: Tuple[Tuple[str, str], ...] = (
     ("models.common.embeddings.yarn_rotary_pos_embedding", "YaRN inv_freq on current_device"),
     ("pipeline_parallel.p2p_communication", "p2p receive buffers on current_device, synchronize"),
     ("pipeline_parallel.schedules", "total_num_tokens = torch.zeros(..., device='cuda')"),
+    ("pipeline_parallel.utils", "combined 1F1B ScheduleNode: streams, events, nvtx"),
+    ("pipeline_parallel.combined_1f1b", "combined 1F1B: comm stream set-up, current_stream"),
+    ("models.common.model_chunk_schedule_plan", "combined 1F1B plan: torch.cuda.Event, nvtx"),
+    ("models.gpt.fine_grained_callables", "combined 1F1B layer callables: current_stream, nvtx"),
+    ("models.common.fine_grained_callables", "combined 1F1B callables (0.19): streams, nvtx"),
     ("distributed.distributed_data_parallel", "communication stream, synchronize/empty_cache"),
     ("distributed.param_and_grad_buffer", "DDP param/grad buffers on current_device, streams"),
     ("optimizer.optimizer", "found_inf/_scale/_dummy_overflow_buf device='cuda'"),
@@ -595,6 +612,34 @@ BATCH_P2P_MESSAGE = (
     "pipeline parallelism torch.distributed.batch_isend_irecv silently corrupts received "
     "activations. Set ModelParallelConfig/TransformerConfig(batch_p2p_comm=False)."
 )
+
+
+def _install_cpu_record_stream() -> None:
+    """``Tensor.record_stream`` returns without effect for non-CUDA tensors.
+
+    The combined 1F1B schedule (``pipeline_parallel/utils.py:ScheduleNode._forward/_backward``,
+    ``models/gpt/fine_grained_callables.py`` combine callable) calls ``t.record_stream(stream)``
+    to keep the caching allocator from reusing memory another CUDA stream still reads. CPU
+    tensors have no allocator streams and torch has no CPU kernel for it (``RuntimeError``), so
+    on this backend (CPU-only processes) the call is a no-op for them; CUDA tensors, which
+    cannot exist here, would still reach the original.
+    """
+    original = torch.Tensor.record_stream
+    if getattr(original, "__megatron_dots_patched__", False):
+        return
+
+    @functools.wraps(original)
+    def record_stream(self, stream):
+        if self.device.type != "cuda":
+            return None
+        return original(self, stream)
+
+    record_stream.__megatron_dots_patched__ = True
+    record_stream.__wrapped_original__ = original
+    torch.Tensor.record_stream = record_stream
+    _SITES.append(("torch.Tensor.record_stream (used by megatron/core/pipeline_parallel/utils.py "
+                   "and models/*/fine_grained_callables.py)",
+                   "no-op for CPU tensors (torch has no CPU kernel; CPU work is synchronous)"))
 
 
 def _make_uneven_gather(original: Callable) -> Callable:
@@ -766,6 +811,8 @@ def enable_cpu_backend() -> bool:
             )
         else:
             _SKIPPED.append(("pipeline_parallel/p2p_communication.py:P2PCommunicator", "absent"))
+
+        _install_cpu_record_stream()
 
         for qualname in _unwrap_jit_fuser():
             _SITES.append(

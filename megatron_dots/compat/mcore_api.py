@@ -10,6 +10,10 @@
   groups and a WARNING "Unknown MLP type" is logged per layer; 0.19 passes `pg_collection` (and
   `is_mtp_layer`, `name`) to every MLP builder and instead logs "Rewrapping ModuleSpec" for
   `ModuleSpec(MLP)`. -> `DotsTransformerLayer`.
+* Combined 1F1B layer plans (`models/common/model_chunk_schedule_plan.py`): the node that runs
+  attention, the pre-MLP norm, the router and the dispatch preprocessing is
+  `TransformerLayerSchedulePlan.attn` on 0.16 and `.pre_dispatch_computation` on 0.19.
+  -> `pre_dispatch_node`.
 * CUDA-graph scope: 0.16's default `cuda_graph_scope="full"` warns that it is deprecated;
   0.19 deprecates the field and names it `cuda_graph_modules`. -> `whole_layer_cuda_graph_kwargs`.
 """
@@ -37,6 +41,11 @@ def experts_builder(module: type):
     """The routed-experts entry of `MoESubmodules` for our own experts class `module`
     (constructor ``(num_local_experts, config, submodules=None, pg_collection=None, name=None)``)."""
     return module if MCORE_AT_LEAST_019 else ModuleSpec(module=module)
+
+
+def pre_dispatch_node(layer_plan):
+    """The combined-1F1B node of `layer_plan` that ends with the dispatch preprocessing."""
+    return layer_plan.pre_dispatch_computation if MCORE_AT_LEAST_019 else layer_plan.attn
 
 
 def whole_layer_cuda_graph_kwargs() -> dict:

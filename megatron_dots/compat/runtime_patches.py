@@ -35,12 +35,32 @@ both.
    ``set_loss_scale`` with a [1]-shaped tensor and its ``copy_`` raises ``RuntimeError: output
    with shape [] doesn't match the broadcast shape [1]``: every later training step in that
    process fails. Fix: when the stored scale's shape differs, replace it instead of copying.
+
+4. ``megatron/core/pipeline_parallel/combined_1f1b.py:
+   combined_1f1b_schedule_for_interleaved_pipelining`` (megatron-core 0.16.1; fixed in 0.19 as
+   ``if b_model_chunk_id is not None``): the backward post-processing runs under
+   ``if b_model_chunk_id:``, so it is skipped whenever the backward half of a combined step is
+   model chunk 0. That post-processing is ``backward_step_helper_postprocess`` in
+   ``schedules.py``: it launches the overlapped gradient reduction (``config.grad_sync_func``)
+   of the chunk whose last micro-batch just finished. Skipped there, that reduction only starts
+   after the whole pipeline flush (``Launch any remaining grad reductions``): correct numbers,
+   lost overlap of the data-parallel reduce with compute. Fix: after the original returns,
+   run the post-processing for chunk 0 (the original already ran it for every other chunk).
+   The patch is applied only when the function's source still has the truthiness test.
+
+5. ``megatron/core/tensor_parallel/layers.py:RowParallelLinear`` (megatron-core 0.16.1; 0.19 has
+   it): no ``backward_dw`` method while ``ColumnParallelLinear`` has a no-op one. With
+   ``delay_wgrad_compute`` the combined 1F1B calls ``backward_dw()`` on every attention and MLP
+   projection (``Attention._backward_output_proj``, ``MLP.backward_dw``), so the TE-free path
+   fails with ``AttributeError: 'RowParallelLinear' object has no attribute 'backward_dw'``.
+   Fix: the same no-op (the local layers compute their weight gradient in backward already).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import threading
 from typing import List, Tuple
 
@@ -153,6 +173,75 @@ def _patch_aux_loss_scale_shape() -> None:
         "is replaced instead of copied into")
 
 
+_CHUNK0_DEFECT = "if b_model_chunk_id:"
+
+
+def _patch_combined_1f1b_chunk0_postprocess() -> None:
+    """combined_1f1b.py (0.16.1): backward post-processing skipped for model chunk 0."""
+    site = ("megatron/core/pipeline_parallel/combined_1f1b.py:"
+            "combined_1f1b_schedule_for_interleaved_pipelining")
+    name = "combined_1f1b_schedule_for_interleaved_pipelining"
+    try:
+        combined = importlib.import_module("megatron.core.pipeline_parallel.combined_1f1b")
+        schedules = importlib.import_module("megatron.core.pipeline_parallel.schedules")
+    except Exception as exc:  # pragma: no cover - moved module
+        _SKIPPED.append((site, f"import failed: {exc}"))
+        return
+    original = getattr(combined, name, None)
+    if original is None:
+        _SKIPPED.append((site, "function absent"))
+        return
+    if getattr(original, "__megatron_dots_patched__", False):
+        return
+    try:
+        source = inspect.getsource(original)
+    except (OSError, TypeError) as exc:
+        _SKIPPED.append((site, f"source unavailable, cannot tell whether it is fixed: {exc}"))
+        return
+    if _CHUNK0_DEFECT not in source:
+        _SKIPPED.append((site, "fixed upstream (no `if b_model_chunk_id:`)"))
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        result = original(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs).arguments
+        b_id = bound.get("b_virtual_microbatch_id")
+        if b_id is not None and bound["get_model_chunk_id"](b_id, forward=False) == 0:
+            bound["backward_step_helper_postprocess"](b_id)
+        return result
+
+    wrapper.__megatron_dots_patched__ = True
+    wrapper.__wrapped_original__ = original
+    combined.combined_1f1b_schedule_for_interleaved_pipelining = wrapper
+    if getattr(schedules, name, None) is original:
+        schedules.combined_1f1b_schedule_for_interleaved_pipelining = wrapper
+    _SITES.append((site, "backward post-processing (grad-sync launch) also runs when the "
+                         "backward chunk is 0"))
+
+
+def _patch_row_parallel_backward_dw() -> None:
+    """layers.py (0.16.1): RowParallelLinear has no backward_dw."""
+    site = "megatron/core/tensor_parallel/layers.py:RowParallelLinear.backward_dw"
+    try:
+        from megatron.core.tensor_parallel.layers import RowParallelLinear
+    except Exception as exc:  # pragma: no cover - moved module
+        _SKIPPED.append((site, f"import failed: {exc}"))
+        return
+    if hasattr(RowParallelLinear, "backward_dw"):
+        _SKIPPED.append((site, "already defined upstream"))
+        return
+
+    def backward_dw(self) -> None:
+        """Delayed weight gradients are not supported by the local layer: its weight gradient
+        was computed in backward, so there is nothing left to do (as ColumnParallelLinear)."""
+
+    backward_dw.__megatron_dots_patched__ = True
+    RowParallelLinear.backward_dw = backward_dw
+    _SITES.append((site, "no-op backward_dw (as ColumnParallelLinear) for delay_wgrad_compute"))
+
+
 def apply_runtime_patches() -> List[Tuple[str, str]]:
     """Apply all runtime patches once; returns :func:`applied_patches`."""
     global _APPLIED
@@ -161,5 +250,7 @@ def apply_runtime_patches() -> List[Tuple[str, str]]:
             _patch_te_general_gemm()
             _patch_all_to_all_split_sizes()
             _patch_aux_loss_scale_shape()
+            _patch_combined_1f1b_chunk0_postprocess()
+            _patch_row_parallel_backward_dw()
             _APPLIED = True
     return applied_patches()

@@ -9,6 +9,20 @@ from ..config import DotsConfig
 from .specs import get_dots_decoder_block_spec
 
 
+class DotsGPTModel(GPTModel):
+    """Megatron-Core's GPTModel; its combined-1F1B schedule plans (the all-to-all overlap
+    schedule, `overlap_moe_expert_parallel_comm`) compute each dots MoE layer's shared experts
+    while the layer's dispatch all-to-all is in flight (`schedule/shared_expert_overlap.py`).
+    The same holds when Megatron-LM's pretrain_gpt.py builds the plan."""
+
+    def build_schedule_plan(self, *args, **kwargs):
+        from ..schedule.shared_expert_overlap import overlap_shared_experts_with_dispatch
+
+        plan = super().build_schedule_plan(*args, **kwargs)
+        overlap_shared_experts_with_dispatch(plan)
+        return plan
+
+
 def build_dots_model(
     dots_config: DotsConfig,
     config=None,
@@ -19,7 +33,7 @@ def build_dots_model(
     vp_stage: Optional[int] = None,
     pg_collection=None,
     **transformer_overrides,
-) -> GPTModel:
+) -> DotsGPTModel:
     """Build the part of a dots model that this rank holds.
 
     `config` is a Megatron-Core `TransformerConfig`; by default it is made from `dots_config`
@@ -32,7 +46,7 @@ def build_dots_model(
         raise TypeError("pass either a TransformerConfig or TransformerConfig overrides, not both")
     block_spec = get_dots_decoder_block_spec(config, backend=backend, vp_stage=vp_stage)
     kwargs = {} if pg_collection is None else {"pg_collection": pg_collection}
-    return GPTModel(
+    return DotsGPTModel(
         config=config,
         transformer_layer_spec=block_spec,
         vocab_size=dots_config.padded_vocab_size(config.tensor_model_parallel_size),
@@ -50,7 +64,7 @@ def build_dots_model(
 
 def build_dots_model_chunks(
     dots_config: DotsConfig, config, *, backend: str = "auto"
-) -> List[GPTModel]:
+) -> List[DotsGPTModel]:
     """The model chunks of this rank: one per virtual pipeline stage (one without VPP).
 
     Needs Megatron-Core's parallel state initialised with the same PP / VPP sizes as `config`.

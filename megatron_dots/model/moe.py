@@ -7,6 +7,8 @@ token dispatchers, `finalize_model_grads` and the combined-1F1B overlap schedule
 their own; it adds the dots invariants and access to the router's load counters.
 """
 
+from contextlib import contextmanager
+
 import torch
 
 from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -35,6 +37,31 @@ class DotsMoELayer(MoELayer):
             raise TypeError(
                 f"DotsMoELayer needs a DotsRouter, the spec gave {type(self.router).__name__}"
             )
+
+    _defer_shared_experts = False
+
+    @contextmanager
+    def deferred_shared_experts(self):
+        """Within the block `shared_experts_compute` returns its input unchanged instead of
+        the shared-expert output, and `compute_shared_experts` must run later on it.
+
+        The all-to-all overlap schedule (`schedule/shared_expert_overlap.py`) uses this to
+        move the shared experts out of the node that ends with the dispatch preprocessing and
+        compute them while the dispatch all-to-all is in flight."""
+        self._defer_shared_experts = True
+        try:
+            yield
+        finally:
+            self._defer_shared_experts = False
+
+    def shared_experts_compute(self, hidden_states: torch.Tensor):
+        if self._defer_shared_experts and self.use_shared_expert:
+            return hidden_states
+        return super().shared_experts_compute(hidden_states)
+
+    def compute_shared_experts(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The shared-expert output for `hidden_states` (the pre-MLP norm output)."""
+        return super().shared_experts_compute(hidden_states)
 
     def take_expert_load(self) -> torch.Tensor:
         """Tokens this rank routed to each (global) expert since the last call; resets."""

@@ -74,6 +74,15 @@ def add_dots_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--dots-loss-csv", default=None, metavar="FILE",
                        help="per-iteration loss/lr/grad-norm CSV (default: SAVE/losses.csv "
                        "when --save is given)")
+    group.add_argument("--dots-a2a-overlap", action="store_true", default=None,
+                       help="the all-to-all overlap schedule (dots.llm1's interleaved 1F1B): "
+                       "one extra warmup micro-batch, then the forward of one micro-batch and "
+                       "the backward of another run layer by layer so each one's expert "
+                       "dispatch/combine all-to-all hides behind the other's compute; shared "
+                       "experts run during their own dispatch. Needs "
+                       "--expert-model-parallel-size > 1 and, with pipeline parallelism, "
+                       "--num-layers-per-virtual-pipeline-stage. Same losses and gradients as "
+                       "without it")
     group.add_argument("--dots-recompute-budget-gb", type=float, default=None, metavar="GIB",
                        help="per-GPU memory budget in GiB (2^30 bytes) for parameters, "
                        "gradients, optimizer state and activations; turns on the input-aware "
@@ -114,6 +123,14 @@ def build_parser(prog: str = "megatron-dots pretrain") -> argparse.ArgumentParse
                      help="virtual pipeline chunks per stage (alternative to the flag above)")
     par.add_argument("--expert-model-parallel-size", type=int, default=1,
                      help="expert parallel size (default 1)")
+    par.add_argument("--overlap-moe-expert-parallel-comm", action="store_true",
+                     dest="dots_a2a_overlap", default=None,
+                     help="Megatron-LM's name for --dots-a2a-overlap")
+    par.add_argument("--delay-wgrad-compute", action="store_true",
+                     help="with --dots-a2a-overlap: compute the routed experts' weight "
+                     "gradients after the backward's dispatch all-to-all is issued, filling "
+                     "its wait (grouped / te expert backends; sequential experts and local "
+                     "linear layers compute them in backward as usual)")
     par.add_argument("--sequence-parallel", action="store_true",
                      help="sequence parallelism (needs --tensor-model-parallel-size > 1)")
     par.add_argument("--use-distributed-optimizer", action="store_true",
@@ -253,6 +270,24 @@ def _check_recompute_args(args) -> None:
                             f"{args.dots_recompute_margin}")
 
 
+def _check_a2a_overlap_args(args, ep: int, pp: int, vpp: Optional[int]) -> None:
+    if not getattr(args, "dots_a2a_overlap", None):
+        if getattr(args, "delay_wgrad_compute", False):
+            raise ArgumentError("--delay-wgrad-compute needs --dots-a2a-overlap (the delayed "
+                                "weight gradients fill the overlap schedule's all-to-all waits)")
+        return
+    from ..schedule.a2a_overlap import a2a_overlap_problems
+
+    problems = a2a_overlap_problems(expert_parallel=ep, pipeline_parallel=pp,
+                                    virtual_pipeline=vpp)
+    if getattr(args, "dots_recompute_budget_gb", None) is not None:
+        problems.append("--dots-recompute-budget-gb is not supported with it yet (the planner "
+                        "recomputes whole layers or their attention / MLP; the schedule runs a "
+                        "layer as separate nodes)")
+    if problems:
+        raise ArgumentError("--dots-a2a-overlap: " + "; ".join(problems))
+
+
 def validate_args(args, world_size: int) -> None:
     """Fill derived values (args.dots_config, data_parallel_size, vpp, batch stages, ...) and
     reject every combination that cannot work, naming the flags."""
@@ -304,6 +339,7 @@ def validate_args(args, world_size: int) -> None:
     except DotsConfigError as err:
         raise ArgumentError(str(err)) from None
     _check_recompute_args(args)
+    _check_a2a_overlap_args(args, ep, pp, vpp)
     if args.sequence_parallel and tp == 1:
         raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if args.seq_length > cfg.max_position_embeddings:

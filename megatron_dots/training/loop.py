@@ -104,7 +104,7 @@ def transformer_config(args):
     """The Megatron-Core TransformerConfig of the flags' model and layout."""
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     cuda = torch.cuda.is_available()
-    return args.dots_config.to_transformer_config(
+    config = args.dots_config.to_transformer_config(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
@@ -116,6 +116,11 @@ def transformer_config(args):
         # gloo: batched isend/irecv corrupts activations under PP (see DESIGN.md).
         batch_p2p_comm=cuda,
     )
+    if args.dots_a2a_overlap:
+        from ..schedule.a2a_overlap import enable_a2a_overlap
+
+        enable_a2a_overlap(config, delay_wgrad=args.delay_wgrad_compute)
+    return config
 
 
 def build_model(args, config):
@@ -292,6 +297,9 @@ def pretrain(args) -> TrainResult:
             f"vpp {args.virtual_pipeline_model_parallel_size or 1} ep "
             f"{args.expert_model_parallel_size} dp {dp_size}; training "
             f"{args.train_iters} iterations on {train_samples:,} samples")
+        if config.overlap_moe_expert_parallel_comm:
+            log(" schedule: all-to-all overlap (combined 1F1B, shared experts during dispatch"
+                + (", delayed expert wgrad" if config.delay_wgrad_compute else "") + ")")
 
         result = TrainResult(iteration=state.iteration)
         reporter = Reporter(args, config, state.iteration)

@@ -7,6 +7,7 @@ interleaved 1F1B, as the parallel state says), whose `finalize_model_grads` redu
 and updates the router bias, then steps the optimizer.
 """
 
+import dataclasses
 import functools
 from typing import Iterable, List, Optional, Sequence, Tuple
 
@@ -33,8 +34,10 @@ def lm_loss_func(loss_mask: Optional[torch.Tensor], output_tensor: torch.Tensor)
     return loss, {"lm loss": loss.detach().clone()}
 
 
-def gpt_forward_step(data_iterator, model):
-    """Megatron-Core forward step: next micro-batch -> per-token losses."""
+def gpt_forward_step(data_iterator, model, return_schedule_plan: bool = False):
+    """Megatron-Core forward step: next micro-batch -> per-token losses. The all-to-all
+    overlap schedule (combined 1F1B) calls it with `return_schedule_plan=True` and gets the
+    model's schedule plan instead, which it runs itself."""
     batch = next(data_iterator)
     if isinstance(batch, dict):
         inputs, labels = batch["tokens"], batch["labels"]
@@ -43,8 +46,10 @@ def gpt_forward_step(data_iterator, model):
         inputs, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
         positions = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
         loss_mask = None
-    output = model(inputs, positions, None, labels=labels)
-    return output, functools.partial(lm_loss_func, loss_mask)
+    loss_func = functools.partial(lm_loss_func, loss_mask)
+    if return_schedule_plan:
+        return model.build_schedule_plan(inputs, positions, None, labels=labels), loss_func
+    return model(inputs, positions, None, labels=labels), loss_func
 
 
 def wrap_with_ddp(
@@ -55,6 +60,11 @@ def wrap_with_ddp(
     ddp_config = ddp_config or DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False
     )
+    if config.delay_wgrad_compute and not ddp_config.delay_wgrad_compute:
+        # Deferred expert weight gradients reach DDP through backward_dw's hooks only if DDP
+        # knows (it then skips those parameters' grad-accumulation hooks).
+        ddp_config = dataclasses.replace(
+            ddp_config, delay_wgrad_compute=config.delay_wgrad_compute)
     wrapped = [
         DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
         for i, chunk in enumerate(chunks)

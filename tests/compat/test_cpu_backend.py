@@ -44,10 +44,31 @@ def test_registry_printable_and_in_docstring():
             if ":" in site and "module global" not in site:
                 func = site.split(":", 1)[1].split(" ")[0]
                 assert func in doc, f"{func} missing from cpu_backend docstring"
+        elif site.startswith("torch.Tensor."):  # the one torch-level patch
+            assert site.split()[0] in doc
         else:  # jit_fuser entries are dotted qualified names
             assert site.startswith("megatron.core.") and "jit_fuser" in what
     for name, _ in PROXIED_MODULES:
         assert name.replace(".", "/") + ".py" in doc
+
+
+def test_record_stream_is_a_no_op_for_cpu_tensors():
+    """The combined 1F1B (--dots-a2a-overlap) records tensors on its streams; torch has no CPU
+    kernel for that, so without the backend the schedule fails on its first node."""
+    proc = python_snippet(
+        "import torch\n"
+        "from megatron.core.pipeline_parallel import utils\n"
+        "try:\n"
+        "    torch.zeros(2).record_stream(torch.Stream('cpu'))\n"
+        "    print('RESULT ok')\n"
+        "except RuntimeError:\n"
+        "    print('RESULT RuntimeError')\n"
+        "import megatron_dots\n"
+        "torch.zeros(2).record_stream(utils.torch.cuda.current_stream())\n"
+        "print('RESULT ok')\n")
+    assert proc.returncode == 0, describe(proc)
+    assert [line for line in proc.stdout.splitlines() if line.startswith("RESULT")] == [
+        "RESULT RuntimeError", "RESULT ok"]
 
 
 def test_proxy_is_scoped_to_megatron_modules():

@@ -124,3 +124,66 @@ def test_aux_loss_scale_after_a_bare_backward():
                 assert MoEAuxLossAutoScaler.main_loss_backward_scale.tolist() == [0.25]
     finally:
         MoEAuxLossAutoScaler.main_loss_backward_scale = saved
+
+
+def _combined_step_postprocess_calls(schedule_fn, b_virtual_microbatch_id, monkeypatch):
+    """Which backward post-processings `schedule_fn` (a combined_1f1b interleaved step) runs
+    for a backward-only step of `b_virtual_microbatch_id` (chunk = id % 2); the combined
+    forward/backward itself is stubbed out."""
+    from megatron.core.pipeline_parallel import combined_1f1b
+
+    monkeypatch.setattr(combined_1f1b, "combined_forward_backward_step",
+                        lambda *args, **kwargs: (None, None, None))
+    calls = []
+    schedule_fn(
+        config=type("Config", (), {"high_priority_a2a_comm_stream": False})(),
+        forward_step_func=None, data_iterator=[None, None], model=[object(), object()],
+        num_microbatches=4, forward_data_store=[],
+        forward_step_helper_preprocess=None, forward_step_helper_postprocess=None,
+        backward_step_helper_preprocess=lambda vmb, chunk: (None, None, None),
+        backward_step_helper_postprocess=calls.append,
+        get_microbatch_id_in_model_chunk=lambda vmb, forward: vmb // 2,
+        get_model_chunk_id=lambda vmb, forward: vmb % 2,
+        check_first_val_step=lambda value: value,
+        is_first_microbatch_for_model_chunk=lambda vmb: vmb < 2,
+        collect_non_loss_data=False,
+        f_virtual_microbatch_id=None, b_virtual_microbatch_id=b_virtual_microbatch_id,
+    )
+    return calls
+
+
+def test_combined_1f1b_runs_backward_postprocess_for_chunk_0(monkeypatch):
+    """combined_1f1b.py (0.16.1) skips the backward post-processing (the overlapped grad-sync
+    launch) when the backward chunk is 0; with the patch (or on 0.19) it runs once per step."""
+    from megatron.core.pipeline_parallel import combined_1f1b, schedules
+
+    apply_runtime_patches()
+    current = combined_1f1b.combined_1f1b_schedule_for_interleaved_pipelining
+    assert schedules.combined_1f1b_schedule_for_interleaved_pipelining is current
+    for vmb in (4, 5):  # chunk 0, chunk 1
+        assert _combined_step_postprocess_calls(current, vmb, monkeypatch) == [vmb]
+    original = getattr(current, "__wrapped_original__", None)
+    if MCORE_016:
+        assert original is not None, "patch 4 not applied on megatron-core 0.16"
+        assert _combined_step_postprocess_calls(original, 4, monkeypatch) == []  # the defect
+        assert _combined_step_postprocess_calls(original, 5, monkeypatch) == [5]
+    else:
+        assert original is None  # fixed upstream: not patched
+
+
+def test_row_parallel_linear_backward_dw():
+    """layers.py (0.16.1): RowParallelLinear has no backward_dw, so delay_wgrad_compute's
+    Attention/MLP.backward_dw raise AttributeError on the local path; the patch adds the no-op
+    ColumnParallelLinear already has."""
+    proc = python_snippet(
+        "from megatron.core.tensor_parallel.layers import RowParallelLinear as R\n"
+        "print('RESULT', hasattr(R, 'backward_dw'))\n"
+        "import megatron_dots\n"
+        "print('RESULT', hasattr(R, 'backward_dw'), "
+        "getattr(R.backward_dw, '__megatron_dots_patched__', False))\n")
+    assert proc.returncode == 0, describe(proc)
+    lines = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    if MCORE_016:
+        assert lines == [["False"], ["True", "True"]]
+    else:
+        assert lines == [["True"], ["True", "False"]]  # upstream has it: left alone

@@ -1,0 +1,177 @@
+"""The all-to-all overlap schedule against the plain schedule of the same layout (torchrun worker).
+
+Each rank builds the same tiny dots model twice from one set of weights: once with the plain
+schedule (no pipelining or interleaved 1F1B) and once with `enable_a2a_overlap` (Megatron-Core's
+combined 1F1B plus the dots shared-expert rewiring, optionally with delayed expert wgrad). Both
+train for --iters iterations on the same batches (forward_backward_func, DDP, finalize_model_grads
+with the router-bias update, SGD step). Every rank compares, per iteration, the loss, each of its
+gradient shards and the router biases of the two runs; rank 0 writes a JSON summary (worst
+differences, and counters that prove the overlap path ran: forward/backward-paired steps,
+deferred shared-expert forwards and backwards, delayed expert wgrad computations) to --out. The
+process exits 1 if anything differs.
+"""
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import megatron_dots  # noqa: E402  (compat patches first)
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed  # noqa: E402
+
+from megatron_dots.compat.distributed import init_distributed  # noqa: E402
+from megatron_dots.convert.sharding import (  # noqa: E402
+    load_full_state_dict,
+    local_grads,
+    local_tensors,
+)
+from megatron_dots.model import build_dots_model_chunks  # noqa: E402
+from megatron_dots.schedule.a2a_overlap import enable_a2a_overlap  # noqa: E402
+from megatron_dots.training import forward_backward, wrap_with_ddp  # noqa: E402
+from layout_flags import add_layout_flags, layout_sizes  # noqa: E402
+from reference import make_hf_model, mcore_full_state, tiny_config  # noqa: E402
+
+MICRO_BATCH_SIZE = 2
+SEQ_LENGTH = 16
+COUNTS = Counter()
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_layout_flags(parser)
+    parser.add_argument("--backend", default="grouped", choices=("sequential", "grouped"))
+    parser.add_argument("--delay-wgrad", action="store_true",
+                        help="delayed expert weight gradients in the overlap run")
+    parser.add_argument("--micro-batches", type=int, default=8,
+                        help="micro-batches per data-parallel rank per iteration")
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--out", required=True)
+    return parser.parse_args()
+
+
+def count_calls():
+    """Wrap the schedule's entry points to count what actually ran (test instrumentation)."""
+    from megatron.core.models.common import model_chunk_schedule_plan as plans
+
+    from megatron_dots.model.experts import TorchGroupedExperts
+    from megatron_dots.schedule import shared_expert_overlap as shared
+
+    chunk_run = plans.TransformerModelChunkSchedulePlan.run
+
+    def run(f_plan, b_plan, *args, **kwargs):
+        COUNTS["paired_steps" if f_plan is not None and b_plan is not None else "single_steps"] += 1
+        return chunk_run(f_plan, b_plan, *args, **kwargs)
+
+    plans.TransformerModelChunkSchedulePlan.run = staticmethod(run)
+
+    for name in ("forward", "backward"):
+        original = getattr(shared._DeferredSharedExperts, name)
+
+        def counted(self, _original=original, _name=name):
+            COUNTS[f"shared_{_name}"] += 1
+            return _original(self)
+
+        setattr(shared._DeferredSharedExperts, name, counted)
+
+    backward_dw = TorchGroupedExperts.backward_dw
+
+    def counted_backward_dw(self):
+        COUNTS["delayed_wgrads"] += len(self._pending_wgrad)
+        return backward_dw(self)
+
+    TorchGroupedExperts.backward_dw = counted_backward_dw
+
+
+def train(args, cfg, full, overlap):
+    model_parallel_cuda_manual_seed(123)
+    tc = cfg.to_transformer_config(**layout_sizes(args), sequence_parallel=args.sp,
+                                   pipeline_dtype=torch.float32, params_dtype=torch.float32,
+                                   batch_p2p_comm=False)
+    if overlap:
+        enable_a2a_overlap(tc, delay_wgrad=args.delay_wgrad)
+    chunks = build_dots_model_chunks(cfg, tc, backend=args.backend)
+    for chunk in chunks:
+        load_full_state_dict(chunk, full)
+    chunks = wrap_with_ddp(chunks, tc)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="sgd", lr=0.5, sgd_momentum=0.0, weight_decay=0.0,
+                        clip_grad=0.0, params_dtype=torch.float32),
+        chunks,
+    )
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    records = []
+    for iteration in range(args.iters):
+        gen = torch.Generator().manual_seed(1000 + iteration)
+        batch = torch.randint(0, cfg.vocab_size, (args.micro_batches * dp_size, MICRO_BATCH_SIZE,
+                                                  SEQ_LENGTH + 1), generator=gen)
+        mine = batch[dp_rank * args.micro_batches:(dp_rank + 1) * args.micro_batches]
+        optimizer.zero_grad()
+        loss = forward_backward(chunks, mine, SEQ_LENGTH, MICRO_BATCH_SIZE)
+        grads, biases = {}, {}
+        for chunk in chunks:
+            grads.update(local_grads(chunk))
+            biases.update({key: t.detach().clone() for _, key, t in local_tensors(chunk)
+                           if key.endswith("router.expert_bias")})
+        optimizer.step()
+        records.append({"loss": loss, "grads": grads, "bias": biases})
+    return records
+
+
+def main():
+    args = parse_args()
+    init_distributed()
+    parallel_state.initialize_model_parallel(**layout_sizes(args))
+    # 1 dense + 3 MoE layers (PP=2 x VPP=2: one per chunk); strong aux loss and bias rate.
+    cfg = tiny_config(num_layers=4, seq_aux_loss_coeff=1e-2, bias_update_rate=1e-2)
+    full = mcore_full_state(make_hf_model(cfg, seed=31, bias_scale=0.05), cfg, tp=args.tp)
+    plain = train(args, cfg, full, overlap=False)
+    count_calls()
+    ours = train(args, cfg, full, overlap=True)
+
+    worst = {"loss": 0.0, "grad": 0.0, "bias": 0.0}
+    failures = []
+    for it, (a, b) in enumerate(zip(ours, plain)):
+        worst["loss"] = max(worst["loss"], abs(a["loss"] - b["loss"]))
+        if abs(a["loss"] - b["loss"]) > 1e-6 * max(1.0, abs(b["loss"])):
+            failures.append(f"iteration {it}: loss {a['loss']} != plain {b['loss']}")
+        for kind, field in (("grads", "grad"), ("bias", "bias")):
+            if set(a[kind]) != set(b[kind]):
+                failures.append(f"iteration {it}: {kind} keys differ")
+                continue
+            for key, value in a[kind].items():
+                diff = (value - b[kind][key]).abs().max().item()
+                worst[field] = max(worst[field], diff)
+                if not torch.allclose(value, b[kind][key], rtol=1e-5, atol=1e-7):
+                    failures.append(f"iteration {it}: {kind} of {key} differ by {diff:.3g}")
+    for line in failures[:20]:
+        print(f"[rank {torch.distributed.get_rank()}] {line}", file=sys.stderr)
+    totals = torch.tensor([len(failures), len(plain[0]["grads"]), len(plain[0]["bias"]),
+                           COUNTS["paired_steps"], COUNTS["single_steps"],
+                           COUNTS["shared_forward"], COUNTS["shared_backward"],
+                           COUNTS["delayed_wgrads"]])
+    torch.distributed.all_reduce(totals)
+    names = ("failures", "grad_tensors_checked", "bias_tensors_checked", "paired_steps",
+             "single_steps", "shared_forward", "shared_backward", "delayed_wgrads")
+    summary = dict(zip(names, (int(v) for v in totals)))
+    if torch.distributed.get_rank() == 0:
+        summary.update(worst=worst, losses=[r["loss"] for r in ours],
+                       plain_losses=[r["loss"] for r in plain])
+        with open(args.out, "w") as handle:
+            json.dump(summary, handle)
+    return 1 if summary["failures"] else 0
+
+
+if __name__ == "__main__":
+    code = main()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    sys.exit(code)
