@@ -11,10 +11,12 @@ import types
 import torch
 
 
-def build(args):
+def build(args, dots_overrides=None, configure=None):
     """(DotsConfig, TransformerConfig, DDP chunks, optimizer, device, dtype name) for
-    ``args.model`` / ``args.dtype`` / ``args.expert_backend`` / ``args.lr`` / ``args.seed`` on
-    this process's default device, with world size 1."""
+    ``args.model`` (with DotsConfig fields ``dots_overrides``) / ``args.dtype`` /
+    ``args.expert_backend`` / ``args.lr`` / ``args.seed`` on this process's default device,
+    with world size 1. ``configure(config)`` may change the TransformerConfig before the model
+    is built."""
     import megatron_dots  # noqa: F401  (compat patches before Megatron-Core is used)
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallelConfig
@@ -27,7 +29,8 @@ def build(args):
     from megatron_dots.training.step import wrap_with_ddp
 
     init_distributed()
-    parallel_state.initialize_model_parallel(1, 1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
     torch.manual_seed(args.seed)
     model_parallel_cuda_manual_seed(args.seed)
 
@@ -35,8 +38,10 @@ def build(args):
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     bf16 = dtype == "bf16"
     params_dtype = torch.bfloat16 if bf16 else torch.float32
-    dc = DotsConfig.preset(args.model)
+    dc = DotsConfig.preset(args.model, **(dots_overrides or {}))
     cfg = dc.to_transformer_config(bf16=bf16, params_dtype=params_dtype, pipeline_dtype=params_dtype)
+    if configure is not None:
+        configure(cfg)
     chunks = build_dots_model_chunks(dc, cfg, backend=args.expert_backend)
     for chunk in chunks:
         chunk.to(device)
