@@ -211,6 +211,9 @@ def main(argv=None):
     from megatron_dots.compat.distributed import default_device
 
     device = default_device()
+    if device.type == "cuda" and os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") == "1":
+        print("WARNING: CUDA_DEVICE_MAX_CONNECTIONS=1 serialises the streams: nothing can "
+              "overlap (unset it)", file=sys.stderr)
     emulator = EmulatedAllToAll(args.link_gbps, args.emulated_ep, device)
     install_emulator(emulator)
     gen = torch.Generator().manual_seed(args.seed)

@@ -124,3 +124,29 @@ def test_cli_rejects_unknown_op_times(tmp_path, capsys):
         cli_main(["simulate-schedule", "--times", str(times)])
     err = capsys.readouterr().err
     assert "times.json" in err and "attn_core" in err
+
+
+def test_validation_against_cpu_runs_smoke(tmp_path):
+    """bench/validate_simulator.py runs end to end (calibration, torchrun PP=2 1F1B and
+    interleaved, simulation) and reports both sides; its numbers are recorded in
+    bench/README.md (timings are not asserted here)."""
+    import json
+    import subprocess
+    import sys
+
+    from launch import REPO_ROOT, _env
+
+    out = tmp_path / "validation.json"
+    proc = subprocess.run(
+        [sys.executable, f"{REPO_ROOT}/bench/validate_simulator.py", "--layers", "4",
+         "--hidden", "64", "--seq", "32", "--micro-batches", "4", "--iters", "1",
+         "--warmup", "0", "--markdown", "--out", str(out)],
+        cwd=str(tmp_path), env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["calibration"]["forward_ms"] > 0 and report["calibration"]["backward_ms"] > 0
+    assert set(report["results"]) == {"1f1b", "interleaved"}
+    for result in report["results"].values():
+        assert result["measured_step_ms"] > 0 and result["simulated_step_ms"] > 0
+        assert len(result["measured_bubble"]) == len(result["simulated_bubble"]) == 2
+    assert "| interleaved |" in proc.stdout

@@ -134,6 +134,22 @@ def test_dots_mini_layout_validates(paths, cuda, with_data):
     assert args.mock_data is not with_data
 
 
+@pytest.mark.parametrize("name", TRAINING)
+def test_a2a_overlap_opt_in_validates(paths, cuda, name):
+    """DOTS_A2A_OVERLAP=1: the overlap schedule with delayed wgrad (and, with PP 2, one layer
+    per virtual stage), on a layout megatron-dots accepts, and more than one CUDA connection."""
+    argv = printed_args(name, {**paths, "DOTS_A2A_OVERLAP": "1"})
+    args = validated(argv, world_size(name))
+    assert args.dots_a2a_overlap and args.delay_wgrad_compute
+    if args.pipeline_model_parallel_size > 1:
+        assert args.virtual_pipeline_model_parallel_size == 31
+    assert not printed_args(name, paths).count("--dots-a2a-overlap")
+    with open(script(name)) as handle:
+        text = handle.read()
+    assert "export CUDA_DEVICE_MAX_CONNECTIONS=$CONNECTIONS" in text
+    assert re.search(r'DOTS_A2A_OVERLAP:-0}" == 1 ]]; then\n(?:.*\n){1,2}\s*CONNECTIONS=32', text)
+
+
 def test_an_invalid_layout_fails_validation(paths, cuda):
     """The check above catches a broken script: EP 7 (divides neither the 128 experts nor
     DP), EP 32 (TP 8 x EP 32 x PP 2 = 512 GPUs for an expert grid on 256), PP 4 (62

@@ -300,6 +300,10 @@ def pretrain(args) -> TrainResult:
         if config.overlap_moe_expert_parallel_comm:
             log(" schedule: all-to-all overlap (combined 1F1B, shared experts during dispatch"
                 + (", delayed expert wgrad" if config.delay_wgrad_compute else "") + ")")
+            if torch.cuda.is_available() and os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") == "1":
+                log(" WARNING: CUDA_DEVICE_MAX_CONNECTIONS=1 makes the GPU run the "
+                    "communication stream's kernels in launch order with the compute stream's: "
+                    "the all-to-all will not overlap; unset it or set it to 32")
 
         result = TrainResult(iteration=state.iteration)
         reporter = Reporter(args, config, state.iteration)
