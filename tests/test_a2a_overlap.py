@@ -32,6 +32,9 @@ CASES = {
     "ep2-sequential-delay-wgrad": (2, ["--ep", "2", "--backend", "sequential", "--delay-wgrad"]),
     "pp2-vpp2-ep2": (4, ["--pp", "2", "--vpp", "2", "--ep", "2"]),
     "pp2-vpp2-ep2-delay-wgrad": (4, ["--pp", "2", "--vpp", "2", "--ep", "2", "--delay-wgrad"]),
+    # tensor + sequence parallel attention and shared experts, EP over the DP ranks
+    "tp2-sp-ep2-delay-wgrad": (4, ["--tp", "2", "--sp", "--ep", "2", "--etp", "1",
+                                   "--delay-wgrad"]),
 }
 
 
@@ -47,13 +50,14 @@ def test_overlap_matches_plain_schedule(tmp_path, case):
     assert summary["grad_tensors_checked"] >= 80 and summary["bias_tensors_checked"] >= MOE_LAYERS
     assert summary["worst"]["loss"] < 1e-6 and summary["worst"]["grad"] < 1e-6
     assert summary["worst"]["bias"] < 1e-7
+    assert summary["worst"]["eval_loss"] < 1e-6  # forward-only evaluation of the same models
     assert len(set(summary["plain_losses"])) == ITERS  # training moved the model
 
     # What ran: every MoE layer of every micro-batch computed its shared experts during the
     # dispatch (forward and backward), and most model-chunk steps paired a forward with a
     # backward (PP=1: all but the first forward and the last backward of an iteration).
     pp = 2 if "--pp" in args else 1
-    layer_microbatches = ITERS * MICRO_BATCHES * MOE_LAYERS * (nproc // pp)  # x DP replicas
+    layer_microbatches = ITERS * MICRO_BATCHES * MOE_LAYERS * (nproc // pp)  # ranks per stage
     assert summary["shared_forward"] == summary["shared_backward"] == layer_microbatches
     assert summary["paired_steps"] > summary["single_steps"] > 0
     if pp == 1:

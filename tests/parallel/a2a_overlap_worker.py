@@ -122,6 +122,9 @@ def train(args, cfg, full, overlap):
                            if key.endswith("router.expert_bias")})
         optimizer.step()
         records.append({"loss": loss, "grads": grads, "bias": biases})
+    # Evaluation runs the plain forward-only schedule, also on a model set up for the overlap.
+    records[-1]["eval_loss"] = forward_backward(chunks, mine, SEQ_LENGTH, MICRO_BATCH_SIZE,
+                                                forward_only=True)
     return records
 
 
@@ -138,6 +141,9 @@ def main():
 
     worst = {"loss": 0.0, "grad": 0.0, "bias": 0.0}
     failures = []
+    worst["eval_loss"] = abs(ours[-1]["eval_loss"] - plain[-1]["eval_loss"])
+    if worst["eval_loss"] > 1e-6 * max(1.0, abs(plain[-1]["eval_loss"])):
+        failures.append(f"eval loss {ours[-1]['eval_loss']} != plain {plain[-1]['eval_loss']}")
     for it, (a, b) in enumerate(zip(ours, plain)):
         worst["loss"] = max(worst["loss"], abs(a["loss"] - b["loss"]))
         if abs(a["loss"] - b["loss"]) > 1e-6 * max(1.0, abs(b["loss"])):
