@@ -25,8 +25,8 @@ MICRO_BATCHES = 8  # per data-parallel rank and iteration
 MOE_LAYERS = 3  # of the worker's 4
 
 CASES = {
-    # PP=1: Megatron-Core's combined 1F1B without pipelining
-    "ep2": (2, ["--ep", "2"]),
+    # PP=1 (Megatron-Core's combined 1F1B without pipelining) with the dense first layer; the
+    # all-MoE PP=1 runs are in test_simulator_issues_ops_in_the_schedules_order below.
     "ep2-delay-wgrad": (2, ["--ep", "2", "--delay-wgrad"]),
     # the local path: sequential experts and local linear layers compute wgrad in backward
     "ep2-sequential-delay-wgrad": (2, ["--ep", "2", "--backend", "sequential", "--delay-wgrad"]),
@@ -38,16 +38,23 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_overlap_matches_plain_schedule(tmp_path, case):
-    nproc, args = CASES[case]
+def run_worker(tmp_path, nproc, args):
     out = tmp_path / "summary.json"
     proc = torchrun(WORKER, nproc, *args, "--iters", str(ITERS),
                     "--micro-batches", str(MICRO_BATCHES), "--out", str(out), timeout=600)
     assert proc.returncode == 0, describe(proc)
-    summary = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_overlap_matches_plain_schedule(tmp_path, case):
+    nproc, args = CASES[case]
+    check_summary(run_worker(tmp_path, nproc, args), nproc, args, MOE_LAYERS)
+
+
+def check_summary(summary, nproc, args, moe_layers):
     assert summary["failures"] == 0
-    assert summary["grad_tensors_checked"] >= 80 and summary["bias_tensors_checked"] >= MOE_LAYERS
+    assert summary["grad_tensors_checked"] >= 80 and summary["bias_tensors_checked"] >= moe_layers
     assert summary["worst"]["loss"] < 1e-6 and summary["worst"]["grad"] < 1e-6
     assert summary["worst"]["bias"] < 1e-7
     assert summary["worst"]["eval_loss"] < 1e-6  # forward-only evaluation of the same models
@@ -57,16 +64,38 @@ def test_overlap_matches_plain_schedule(tmp_path, case):
     # dispatch (forward and backward), and most model-chunk steps paired a forward with a
     # backward (PP=1: all but the first forward and the last backward of an iteration).
     pp = 2 if "--pp" in args else 1
-    layer_microbatches = ITERS * MICRO_BATCHES * MOE_LAYERS * (nproc // pp)  # ranks per stage
+    layer_microbatches = ITERS * MICRO_BATCHES * moe_layers * (nproc // pp)  # ranks per stage
     assert summary["shared_forward"] == summary["shared_backward"] == layer_microbatches
     assert summary["paired_steps"] > summary["single_steps"] > 0
     if pp == 1:
         assert summary["paired_steps"] == nproc * ITERS * (MICRO_BATCHES - 1)
     if "--delay-wgrad" in args and "sequential" not in args:
-        # grouped experts: every routed-expert backward left its wgrad to backward_dw
+        # grouped experts: every routed-expert backward left its wgrad to backward_dw, which
+        # ran right after the layer's dispatch backward was issued
         assert summary["delayed_wgrads"] == layer_microbatches
+        assert summary["wgrad_not_after_dispatch_backward"] == 0
     else:
         assert summary["delayed_wgrads"] == 0
+
+
+@pytest.mark.parametrize("delay_wgrad", [True, False], ids=["delay-wgrad", "no-delay"])
+def test_simulator_issues_ops_in_the_schedules_order(tmp_path, delay_wgrad):
+    """EP=2, PP=1, four MoE layers: besides matching the plain schedule, the real run's op
+    order (every node of the last iteration, recorded on CPU where issue order is execution
+    order) is exactly the step-time simulator's for the `overlap` schedule."""
+    from megatron_dots.schedule import OpTimes, simulate
+
+    trace = tmp_path / "trace.json"
+    args = ["--ep", "2", "--first-k-dense", "0", "--trace", str(trace)]
+    args += ["--delay-wgrad"] if delay_wgrad else []
+    check_summary(run_worker(tmp_path, 2, args), 2, args, moe_layers=4)
+    real = [tuple(event) for event in json.loads(trace.read_text())]
+    sim = simulate("overlap", OpTimes(), pp=1, ep=2, micro_batches=MICRO_BATCHES,
+                   layers_per_chunk=4, delay_wgrad=delay_wgrad)
+    expected = [(op.kind, op.micro_batch, op.name) for op in sim.ops
+                if delay_wgrad or op.name != "experts_wgrad"]  # else computed with the dgrad
+    assert len(real) == len(expected) == MICRO_BATCHES * 4 * (5 + (6 if delay_wgrad else 5))
+    assert real == expected
 
 
 def tiny_transformer_config(**overrides):

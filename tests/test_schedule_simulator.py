@@ -92,6 +92,27 @@ def test_timelines_are_consistent(schedule, pp, vpp):
     assert all(first_b[k] >= last_f[k] for k in first_b)
 
 
+@pytest.mark.parametrize("delay_wgrad", [True, False])
+def test_pair_issue_order_is_the_schedules(delay_wgrad):
+    """In a forward/backward pair the ops are issued in the order the real schedule issues
+    them (schedule/layer_plan.py on top of Megatron-Core's layer plan): the forward's shared
+    experts right after its dispatch, the delayed expert wgrad right after the dispatch
+    backward, the shared-expert backward before the forward's routed experts."""
+    result = simulate("overlap", OpTimes(), pp=1, ep=8, micro_batches=3, layers_per_chunk=1,
+                      delay_wgrad=delay_wgrad)
+    # PP=1: the pair of (forward of micro-batch 1, backward of micro-batch 0).
+    pair = [op for op in result.ops if (op.kind, op.micro_batch) in (("F", 1), ("B", 0))]
+    issued = [(op.kind, op.name) for op in pair]
+    expected = [("B", "combine_bwd"), ("F", "attention"), ("B", "experts_dgrad")]
+    if not delay_wgrad:
+        expected.append(("B", "experts_wgrad"))
+    expected += [("F", "dispatch"), ("F", "shared"), ("B", "dispatch_bwd")]
+    if delay_wgrad:
+        expected.append(("B", "experts_wgrad"))
+    expected += [("B", "shared_bwd"), ("F", "experts"), ("F", "combine"), ("B", "attention_bwd")]
+    assert issued == expected
+
+
 def test_bad_sizes_are_clear_errors():
     with pytest.raises(ValueError, match="unknown schedule"):
         simulate("gpipe", OpTimes())

@@ -11,15 +11,15 @@ from .specs import get_dots_decoder_block_spec
 
 class DotsGPTModel(GPTModel):
     """Megatron-Core's GPTModel; its combined-1F1B schedule plans (the all-to-all overlap
-    schedule, `overlap_moe_expert_parallel_comm`) compute each dots MoE layer's shared experts
-    while the layer's dispatch all-to-all is in flight (`schedule/shared_expert_overlap.py`).
-    The same holds when Megatron-LM's pretrain_gpt.py builds the plan."""
+    schedule, `overlap_moe_expert_parallel_comm`) fill each dots MoE layer's dispatch wait with
+    its shared experts and delayed expert wgrad (`schedule/layer_plan.py`). The same holds when
+    Megatron-LM's pretrain_gpt.py builds the plan."""
 
     def build_schedule_plan(self, *args, **kwargs):
-        from ..schedule.shared_expert_overlap import overlap_shared_experts_with_dispatch
+        from ..schedule.layer_plan import adapt_layer_plans
 
         plan = super().build_schedule_plan(*args, **kwargs)
-        overlap_shared_experts_with_dispatch(plan)
+        adapt_layer_plans(plan)
         return plan
 
 

@@ -45,7 +45,7 @@ class DotsMoELayer(MoELayer):
         """Within the block `shared_experts_compute` returns its input unchanged instead of
         the shared-expert output, and `compute_shared_experts` must run later on it.
 
-        The all-to-all overlap schedule (`schedule/shared_expert_overlap.py`) uses this to
+        The all-to-all overlap schedule (`schedule/layer_plan.py`) uses this to
         move the shared experts out of the node that ends with the dispatch preprocessing and
         compute them while the dispatch all-to-all is in flight."""
         self._defer_shared_experts = True

@@ -7,12 +7,13 @@ steady-state step runs the forward of micro-batch k+w and the backward of micro-
 layer, issuing one's dispatch / combine all-to-all on the communication stream while the other
 computes (PP=1 uses the same pairing with no pipeline). On top of it, for dots models:
 
-* shared experts run while their own dispatch all-to-all is in flight
-  (`shared_expert_overlap.py`, applied by `model.builder.DotsGPTModel.build_schedule_plan`);
+* shared experts run while their own dispatch all-to-all is in flight, and delayed expert
+  weight gradients while the dispatch backward is (`layer_plan.py`, applied by
+  `model.builder.DotsGPTModel.build_schedule_plan`);
 * delayed weight gradients (`delay_wgrad_compute`) work on the TE-free path: our grouped experts
-  compute their wgrad in `backward_dw()` during the paired forward's dispatch, and the local
-  linear layers, which cannot defer, compute theirs in backward (runtime patch 5 gives 0.16.1's
-  `RowParallelLinear` the no-op `backward_dw`);
+  compute their wgrad in `backward_dw()`, and the local linear layers, which cannot defer,
+  compute theirs in backward (runtime patch 5 gives 0.16.1's `RowParallelLinear` the no-op
+  `backward_dw`);
 * fp32 models are allowed (upstream asserts bf16/fp16; nothing in the schedule needs it, and the
   CPU correctness tests compare fp32 runs);
 * 0.16.1's skipped gradient-sync launch for model chunk 0 is fixed (runtime patch 4).

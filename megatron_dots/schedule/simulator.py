@@ -175,7 +175,8 @@ def _run_pass(rank: _Rank, kind: str, mb: int, chunk: int, layers: int, spec, re
     """Issue one pass (all layers of a chunk) on its own; returns its last op's end."""
     end = ready
     for layer in range(layers):
-        chain = _layer_chain(spec, kind, mb, chunk, layer, rank.rank)
+        chain = _layer_chain(spec, kind, mb, chunk,
+                             layer if kind == "F" else layers - 1 - layer, rank.rank)
         done: List[float] = []
         for op, ms, deps in chain:
             start_after = max([end] + [done[d] for d in deps]) if deps else end
@@ -184,22 +185,38 @@ def _run_pass(rank: _Rank, kind: str, mb: int, chunk: int, layers: int, spec, re
     return end
 
 
+def _pair_order(b_spec) -> List[Tuple[str, str]]:
+    """The issue order of one layer's forward (F) and backward (B) ops in a combined-1F1B
+    pair: Megatron-Core's `TransformerLayerSchedulePlan.run` with the dots changes
+    (`schedule/layer_plan.py`: shared experts after the dispatch is issued, delayed expert wgrad
+    after the dispatch backward is)."""
+    delayed = [name for _, name, _, _ in b_spec].index("experts_wgrad") > 2
+    order = [("B", "combine_bwd"), ("F", "attention"), ("B", "experts_dgrad")]
+    if not delayed:  # computed together with the dgrad
+        order.append(("B", "experts_wgrad"))
+    order += [("F", "dispatch"), ("F", "shared"), ("B", "dispatch_bwd")]
+    if delayed:
+        order.append(("B", "experts_wgrad"))
+    return order + [("B", "shared_bwd"), ("F", "experts"), ("F", "combine"),
+                    ("B", "attention_bwd")]
+
+
 def _run_pair(rank: _Rank, f, b, layers: int, f_spec, b_spec, f_ready: float, b_ready: float):
     """Issue a forward pass and a backward pass together, layer by layer (combined 1F1B):
-    the forward's layer l next to the backward's layer l, alternating their ops so each one's
-    all-to-all can run under the other's compute. Returns (forward end, backward end)."""
+    the forward's layer l next to the backward's layer L-1-l (backward runs the layers in
+    reverse), interleaving their ops (`_pair_order`)
+    so each one's all-to-all can run under the other's compute. Returns (forward end,
+    backward end)."""
     f_end, b_end = f_ready, b_ready
+    f_index = {name: i for i, (_, name, _, _) in enumerate(f_spec)}
+    b_index = {name: i for i, (_, name, _, _) in enumerate(b_spec)}
+    order = [(which, (f_index if which == "F" else b_index)[name])
+             for which, name in _pair_order(b_spec)]
     for layer in range(layers):
         f_chain = _layer_chain(f_spec, "F", f[0], f[1], layer, rank.rank)
-        b_chain = _layer_chain(b_spec, "B", b[0], b[1], layer, rank.rank)
+        b_chain = _layer_chain(b_spec, "B", b[0], b[1], layers - 1 - layer, rank.rank)
         f_done: Dict[int, float] = {}
         b_done: Dict[int, float] = {}
-        order = []
-        for i in range(max(len(f_chain), len(b_chain))):  # B op first: its a2a starts early
-            if i < len(b_chain):
-                order.append(("B", i))
-            if i < len(f_chain):
-                order.append(("F", i))
         for which, i in order:
             chain, done, base = ((f_chain, f_done, f_end) if which == "F"
                                  else (b_chain, b_done, b_end))
@@ -290,12 +307,15 @@ def _rank_order(micro_batches, pp, rank, vpp, extra, overlap):
 
 
 def _one_more_warmup(events):
+    """Plain 1F1B order (w warmup forwards, then F(w+k) B(k) pairs) with w + 1 warmup
+    forwards: F(w+1+k) then B(k), as Megatron-Core's combined 1F1B (PP=1: F0, then F(k+1)
+    with B(k), then the last backward alone)."""
     forwards = [e for e in events if e[0] == "F"]
     backwards = [e for e in events if e[0] == "B"]
-    warmup = 0
-    while warmup < len(events) and events[warmup][0] == "F":
-        warmup += 1
-    warmup = min(warmup + 1, len(forwards))
+    leading = 0  # the w warmup forwards and the first steady-state one
+    while leading < len(events) and events[leading][0] == "F":
+        leading += 1
+    warmup = min(leading, len(forwards))
     order = forwards[:warmup]
     for k in range(len(forwards) - warmup):
         order += [forwards[warmup + k], backwards[k]]
