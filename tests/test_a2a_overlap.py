@@ -163,3 +163,19 @@ def test_emulated_all_to_all_bench_smoke(tmp_path):
         assert r["step_ms"] > 0 and r["step_free_a2a_ms"] > 0
         assert 0 <= r["exposed_share_of_moe_layer"] < 1
     assert "| overlap-delay-wgrad |" in proc.stdout
+
+
+def test_recompute_planner_is_refused_with_the_overlap(seeded):
+    """The planner recomputes whole layers (or their attention / MLP); the overlap schedule
+    runs a layer as separate nodes, so the combination fails clearly instead of silently
+    recomputing nothing."""
+    from megatron_dots.model import build_dots_model
+    from megatron_dots.training.step import forward_backward
+
+    cfg = DotsConfig.preset("dots-tiny", num_layers=2)
+    config = cfg.to_transformer_config(params_dtype=torch.float32)
+    config.overlap_moe_expert_parallel_comm = True  # as enable_a2a_overlap sets it (EP > 1)
+    model = build_dots_model(cfg, config)
+    with pytest.raises(ValueError, match="recompute planner does not support"):
+        forward_backward([model], [torch.zeros(1, 9, dtype=torch.long)], 8, 1,
+                         forward_only=True, recompute=object())

@@ -20,6 +20,7 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
 
 
 def lm_loss_func(loss_mask: Optional[torch.Tensor], output_tensor: torch.Tensor):
@@ -94,6 +95,9 @@ def forward_backward(
             chunk.zero_grad_buffer()
     iterators = [iter(micro_batches) for _ in chunks]
     forward_step_func = gpt_forward_step
+    if recompute is not None and get_model_config(chunks[0]).overlap_moe_expert_parallel_comm:
+        raise ValueError("the recompute planner does not support the all-to-all overlap "
+                         "schedule (overlap_moe_expert_parallel_comm) yet")
     if recompute is not None:
         recompute.begin_step(micro_batches, forward_only=forward_only)
         forward_step_func = recompute.wrap(gpt_forward_step)
