@@ -39,7 +39,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import build, free_memory, host_info, sync, write_report  # noqa: E402
+from common import (  # noqa: E402
+    build,
+    free_memory,
+    host_info,
+    markdown_table,
+    sync,
+    write_report,
+)
 
 SCHEDULES = ("plain", "overlap", "overlap-delay-wgrad")
 
@@ -242,12 +249,12 @@ def main(argv=None):
                  "all-to-all emulated by a timed kernel on the schedule's communication stream"),
     }
     if args.markdown:
-        print("\n| schedule | step ms | free-a2a step ms | a2a issued ms | exposed ms | "
-              "exposed / MoE-layer time |\n|---|---|---|---|---|---|")
-        for name, r in results.items():
-            print(f"| {name} | {r['step_ms']:.1f} | {r['step_free_a2a_ms']:.1f} | "
-                  f"{r['a2a_issued_ms']:.1f} | {r['exposed_a2a_ms']:.1f} | "
-                  f"{100 * r['exposed_share_of_moe_layer']:.1f} % |")
+        print("\n" + markdown_table(
+            ("schedule", "step ms", "free-a2a step ms", "a2a issued ms", "exposed ms",
+             "exposed / MoE-layer time"),
+            [(name, f"{r['step_ms']:.1f}", f"{r['step_free_a2a_ms']:.1f}",
+              f"{r['a2a_issued_ms']:.1f}", f"{r['exposed_a2a_ms']:.1f}",
+              f"{100 * r['exposed_share_of_moe_layer']:.1f} %") for name, r in results.items()]))
     if args.out:
         write_report(report, args.out)
     from megatron.core import parallel_state

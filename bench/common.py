@@ -98,6 +98,12 @@ def json_default(value):
     return str(value)
 
 
+def markdown_table(headers, rows) -> str:
+    """A markdown table of `headers` and `rows` (lists of already formatted cells)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
 def host_info(device) -> dict:
     """Where and with what a report was measured."""
     return {

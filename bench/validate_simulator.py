@@ -146,6 +146,12 @@ def worker(args) -> None:
             json.dump({"step_ms": max(g[0].item() for g in gathered),
                        "bubble": [g[1].item() for g in gathered],
                        "p2p_ms": statistics.mean(g[2].item() for g in gathered)}, f)
+    # An orderly shutdown: a process exiting with gloo's threads alive may abort.
+    torch.distributed.barrier()
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
 
 
 def measure(args, schedule: str) -> dict:
@@ -195,7 +201,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    from common import host_info, write_report
+    from common import host_info, markdown_table, write_report
 
     calibration = calibrate(args)
     from megatron.core import parallel_state
@@ -222,12 +228,12 @@ def main(argv=None):
               f"measured {statistics.mean(r['measured_bubble']):.3f}, simulated {bubble:.3f}",
               flush=True)
     if args.markdown:
-        print("\n| schedule | measured step ms | simulated step ms | error | measured bubble | "
-              "simulated bubble |\n|---|---|---|---|---|---|")
-        for name, r in results.items():
-            print(f"| {name} | {r['measured_step_ms']:.1f} | {r['simulated_step_ms']:.1f} | "
-                  f"{100 * r['step_error']:+.1f} % | {statistics.mean(r['measured_bubble']):.3f}"
-                  f" | {statistics.mean(r['simulated_bubble']):.3f} |")
+        print("\n" + markdown_table(
+            ("schedule", "measured step ms", "simulated step ms", "error", "measured bubble",
+             "simulated bubble"),
+            [(name, f"{r['measured_step_ms']:.1f}", f"{r['simulated_step_ms']:.1f}",
+              f"{100 * r['step_error']:+.1f} %", f"{statistics.mean(r['measured_bubble']):.3f}",
+              f"{statistics.mean(r['simulated_bubble']):.3f}") for name, r in results.items()]))
     report = {"host": host_info(torch.device("cpu")), "setup": vars(args),
               "calibration": calibration, "results": results}
     if args.out:

@@ -89,14 +89,22 @@ def as_split_sizes(sizes):
     return [int(s) for s in sizes]
 
 
+def _import_or_skip(site: str, *names: str):
+    """The modules ``names`` (a list), or None with the site recorded as skipped."""
+    try:
+        return [importlib.import_module(name) for name in names]
+    except Exception as exc:  # pragma: no cover - moved module
+        _SKIPPED.append((site, f"import failed: {exc}"))
+        return None
+
+
 def _patch_te_general_gemm() -> None:
     """moe_utils.py (0.16.1): ``te_general_gemm`` unbound when TE is not installed."""
     site = "megatron/core/transformer/moe/moe_utils.py: module global te_general_gemm"
-    try:
-        from megatron.core.transformer.moe import moe_utils
-    except Exception as exc:  # pragma: no cover - moved module
-        _SKIPPED.append((site, f"import failed: {exc}"))
+    modules = _import_or_skip(site, "megatron.core.transformer.moe.moe_utils")
+    if modules is None:
         return
+    (moe_utils,) = modules
     if not hasattr(moe_utils, "RouterGatingLinearFunction"):
         _SKIPPED.append((site, "RouterGatingLinearFunction absent"))
         return
@@ -114,12 +122,10 @@ def _wrap_staticmethod(site: str, module: str, cls_name: str, method: str, make_
     """Replace the static method ``module.cls_name.method`` by ``make_wrapper(original)``;
     skipped (and reported) when the site is missing, a no-op when already wrapped. The
     wrapper keeps the original as ``__wrapped_original__`` (tests call it to show the defect)."""
-    try:
-        owner = importlib.import_module(module)
-    except Exception as exc:  # pragma: no cover - moved module
-        _SKIPPED.append((site, f"import failed: {exc}"))
+    modules = _import_or_skip(site, module)
+    if modules is None:
         return
-    cls = getattr(owner, cls_name, None)
+    cls = getattr(modules[0], cls_name, None)
     if cls is None or method not in cls.__dict__:
         _SKIPPED.append((site, f"{cls_name}.{method} absent"))
         return
@@ -181,12 +187,11 @@ def _patch_combined_1f1b_chunk0_postprocess() -> None:
     site = ("megatron/core/pipeline_parallel/combined_1f1b.py:"
             "combined_1f1b_schedule_for_interleaved_pipelining")
     name = "combined_1f1b_schedule_for_interleaved_pipelining"
-    try:
-        combined = importlib.import_module("megatron.core.pipeline_parallel.combined_1f1b")
-        schedules = importlib.import_module("megatron.core.pipeline_parallel.schedules")
-    except Exception as exc:  # pragma: no cover - moved module
-        _SKIPPED.append((site, f"import failed: {exc}"))
+    modules = _import_or_skip(site, "megatron.core.pipeline_parallel.combined_1f1b",
+                              "megatron.core.pipeline_parallel.schedules")
+    if modules is None:
         return
+    combined, schedules = modules
     original = getattr(combined, name, None)
     if original is None:
         _SKIPPED.append((site, "function absent"))
@@ -224,11 +229,10 @@ def _patch_combined_1f1b_chunk0_postprocess() -> None:
 def _patch_row_parallel_backward_dw() -> None:
     """layers.py (0.16.1): RowParallelLinear has no backward_dw."""
     site = "megatron/core/tensor_parallel/layers.py:RowParallelLinear.backward_dw"
-    try:
-        from megatron.core.tensor_parallel.layers import RowParallelLinear
-    except Exception as exc:  # pragma: no cover - moved module
-        _SKIPPED.append((site, f"import failed: {exc}"))
+    modules = _import_or_skip(site, "megatron.core.tensor_parallel.layers")
+    if modules is None:
         return
+    RowParallelLinear = modules[0].RowParallelLinear
     if hasattr(RowParallelLinear, "backward_dw"):
         _SKIPPED.append((site, "already defined upstream"))
         return

@@ -23,19 +23,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import megatron_dots  # noqa: E402  (compat patches first)
 from megatron.core import parallel_state  # noqa: E402
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed  # noqa: E402
 
 from megatron_dots.compat.distributed import init_distributed  # noqa: E402
-from megatron_dots.convert.sharding import (  # noqa: E402
-    load_full_state_dict,
-    local_grads,
-    local_tensors,
-)
-from megatron_dots.model import build_dots_model_chunks  # noqa: E402
 from megatron_dots.schedule.a2a_overlap import enable_a2a_overlap  # noqa: E402
-from megatron_dots.training import forward_backward, wrap_with_ddp  # noqa: E402
+from megatron_dots.training import forward_backward  # noqa: E402
 from layout_flags import add_layout_flags, layout_sizes  # noqa: E402
+from worker_common import ddp_model_and_sgd, run_and_exit, train_iteration  # noqa: E402
 from reference import make_hf_model, mcore_full_state, tiny_config  # noqa: E402
 
 MICRO_BATCH_SIZE = 2
@@ -166,15 +160,7 @@ def train(args, cfg, full, overlap):
                                    batch_p2p_comm=False)
     if overlap:
         enable_a2a_overlap(tc, delay_wgrad=args.delay_wgrad)
-    chunks = build_dots_model_chunks(cfg, tc, backend=args.backend)
-    for chunk in chunks:
-        load_full_state_dict(chunk, full)
-    chunks = wrap_with_ddp(chunks, tc)
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="sgd", lr=0.5, sgd_momentum=0.0, weight_decay=0.0,
-                        clip_grad=0.0, params_dtype=torch.float32),
-        chunks,
-    )
+    chunks, optimizer = ddp_model_and_sgd(cfg, tc, full, args.backend)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     records = []
@@ -185,16 +171,8 @@ def train(args, cfg, full, overlap):
         batch = torch.randint(0, cfg.vocab_size, (args.micro_batches * dp_size, MICRO_BATCH_SIZE,
                                                   SEQ_LENGTH + 1), generator=gen)
         mine = batch[dp_rank * args.micro_batches:(dp_rank + 1) * args.micro_batches]
-        optimizer.zero_grad()
-        loss = forward_backward(chunks, mine, SEQ_LENGTH, MICRO_BATCH_SIZE)
-        grads, biases = {}, {}
-        for chunk in chunks:
-            grads.update(local_grads(chunk))
-            biases.update({key: t.detach().clone() for _, key, t in local_tensors(chunk)
-                           if key.endswith("router.expert_bias")})
-        optimizer.step()
+        records.append(train_iteration(chunks, optimizer, mine, SEQ_LENGTH, MICRO_BATCH_SIZE))
         TRACE["on"] = False
-        records.append({"loss": loss, "grads": grads, "bias": biases})
     # Evaluation runs the plain forward-only schedule, also on a model set up for the overlap.
     records[-1]["eval_loss"] = forward_backward(chunks, mine, SEQ_LENGTH, MICRO_BATCH_SIZE,
                                                 forward_only=True)
@@ -256,8 +234,4 @@ def main():
 
 
 if __name__ == "__main__":
-    code = main()
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    sys.exit(code)
+    run_and_exit(main)

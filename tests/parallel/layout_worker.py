@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-from functools import partial
 
 import torch
 
@@ -23,19 +22,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import megatron_dots  # noqa: E402  (compat patches first)
 from megatron.core import parallel_state  # noqa: E402
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed  # noqa: E402
 
 from megatron_dots.compat.distributed import init_distributed  # noqa: E402
-from megatron_dots.convert.sharding import (  # noqa: E402
-    load_full_state_dict,
-    local_grads,
-    local_tensors,
-    shard,
-)
-from megatron_dots.model import build_dots_model_chunks  # noqa: E402
-from megatron_dots.training import forward_backward, wrap_with_ddp  # noqa: E402
+from megatron_dots.convert.sharding import local_tensors, shard  # noqa: E402
 from layout_flags import add_layout_flags, layout_sizes  # noqa: E402
+from worker_common import ddp_model_and_sgd, run_and_exit, train_iteration  # noqa: E402
 from reference import make_hf_model, mcore_full_state, tiny_config  # noqa: E402
 
 GLOBAL_MICRO_BATCHES = 4
@@ -88,17 +80,8 @@ def main():
         params_dtype=torch.float32,
         batch_p2p_comm=args.batch_p2p_comm,
     )
-    chunks = build_dots_model_chunks(cfg, tc, backend=args.backend)
     full = mcore_full_state(make_hf_model(cfg, seed=31, bias_scale=0.05), cfg, tp=args.tp)
-    for chunk in chunks:
-        load_full_state_dict(chunk, full)
-
-    chunks = wrap_with_ddp(chunks, tc)
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="sgd", lr=0.5, sgd_momentum=0.0, weight_decay=0.0,
-                        clip_grad=0.0, params_dtype=torch.float32),
-        chunks,
-    )
+    chunks, optimizer = ddp_model_and_sgd(cfg, tc, full, args.backend)
 
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -107,15 +90,7 @@ def main():
     for iteration in range(args.iters):
         batch = global_batch(iteration, cfg.vocab_size)
         mine = batch[dp_rank * micro_batches: (dp_rank + 1) * micro_batches]
-        optimizer.zero_grad()
-        loss = forward_backward(chunks, mine, SEQ_LENGTH, MICRO_BATCH_SIZE)
-        grads, biases = {}, {}
-        for chunk in chunks:
-            grads.update(local_grads(chunk))
-            biases.update({key: t.detach().clone() for _, key, t in local_tensors(chunk)
-                           if key.endswith("router.expert_bias")})
-        optimizer.step()
-        records.append({"loss": loss, "grads": grads, "bias": biases})
+        records.append(train_iteration(chunks, optimizer, mine, SEQ_LENGTH, MICRO_BATCH_SIZE))
 
     if args.reference is None:
         if torch.distributed.get_rank() == 0:
@@ -158,8 +133,4 @@ def compare(records, reference, chunks, out):
 
 
 if __name__ == "__main__":
-    code = main()
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    sys.exit(code)
+    run_and_exit(main)
