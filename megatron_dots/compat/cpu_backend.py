@@ -120,7 +120,8 @@ release is skipped and reported by ``patched_sites(include_skipped=True)``):
   creating ``torch.cuda.Stream``), ``pipeline_parallel/combined_1f1b.py`` (``current_stream``),
   ``models/common/model_chunk_schedule_plan.py`` (``torch.cuda.Event``, nvtx),
   ``models/gpt/fine_grained_callables.py`` and on 0.19 ``models/common/fine_grained_callables.py``
-  (``current_stream``, nvtx). With gloo the all-to-alls are blocking: the schedule runs its
+  (``current_stream``, nvtx) and ``models/common/utils.py`` (``TransformerLayerNode``,
+  ``torch.cuda.stream``). With gloo the all-to-alls are blocking: the schedule runs its
   nodes in order, which is what the correctness tests need (no overlap is measured on CPU).
 * ``dist_checkpointing/strategies/filesystem_async.py``: ``FileSystemWriterAsync.preload_tensors``
   (``torch.cuda.synchronize``) on every ``dist_checkpointing.save``.
@@ -478,6 +479,7 @@ PROXIED_MODULES: Tuple[Tuple[str, str], ...] = (
     ("models.common.model_chunk_schedule_plan", "combined 1F1B plan: torch.cuda.Event, nvtx"),
     ("models.gpt.fine_grained_callables", "combined 1F1B layer callables: current_stream, nvtx"),
     ("models.common.fine_grained_callables", "combined 1F1B callables (0.19): streams, nvtx"),
+    ("models.common.utils", "combined 1F1B TransformerLayerNode (0.19): torch.cuda.stream"),
     ("distributed.distributed_data_parallel", "communication stream, synchronize/empty_cache"),
     ("distributed.param_and_grad_buffer", "DDP param/grad buffers on current_device, streams"),
     ("optimizer.optimizer", "found_inf/_scale/_dummy_overflow_buf device='cuda'"),
