@@ -100,14 +100,11 @@ class EmulatedAllToAll:
 
     def __init__(self, link_gbps: float, emulated_ep: int, device: torch.device):
         self.bytes_per_ms = link_gbps * 1e6 * emulated_ep / (emulated_ep - 1)
-        self.device = device
         self.enabled = True
         self.issued_ms = 0.0
-        self.calls = 0
         self.cycles_per_ms = calibrate_sleep(device) if device.type == "cuda" else None
 
     def delay(self, tensor: torch.Tensor) -> None:
-        self.calls += 1
         if not self.enabled:
             return
         ms = tensor.numel() * tensor.element_size() / self.bytes_per_ms
@@ -209,7 +206,7 @@ def measure(args, schedule, emulator, batches):
     }
     del chunks
     free_memory(device)
-    return result, device, dtype, dc
+    return result, dtype, dc
 
 
 def main(argv=None):
@@ -228,7 +225,7 @@ def main(argv=None):
                              generator=gen).to(device) for _ in range(args.micro_batches)]
     results, dc, dtype = {}, None, None
     for schedule in args.schedules:
-        results[schedule], device, dtype, dc = measure(args, schedule, emulator, batches)
+        results[schedule], dtype, dc = measure(args, schedule, emulator, batches)
         r = results[schedule]
         print(f"{schedule:>20}: step {r['step_ms']:.1f} ms (free all-to-all "
               f"{r['step_free_a2a_ms']:.1f} ms), all-to-all issued {r['a2a_issued_ms']:.1f} ms, "

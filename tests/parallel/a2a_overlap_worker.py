@@ -54,12 +54,41 @@ def parse_args():
     return parser.parse_args()
 
 
-def count_calls():
-    """Wrap the schedule's entry points to count what actually ran (test instrumentation)."""
+# Megatron-Core node names (0.16 / 0.19) -> the simulator's op names, per pass kind.
+NODE_OPS = {"F": {"attn": "attention", "pre_dispatch_computation": "attention",
+                  "moe_dispatch": "dispatch", "mlp": "experts", "moe_combine": "combine"},
+            "B": {"attn": "attention_bwd", "pre_dispatch_computation": "attention_bwd",
+                  "moe_dispatch": "dispatch_bwd", "mlp": "experts_dgrad",
+                  "moe_combine": "combine_bwd"}}
+# Once instrumented: every op of the schedule as (kind, micro-batch, op), in issue order (=
+# execution order on CPU); micro-batches are numbered per iteration (EVENTS_START).
+EVENTS = []
+EVENTS_START = [0]
+MICRO_BATCH = {}  # id(chunk state) -> micro-batch number in this iteration
+
+
+def record(kind, chunk_state, op):
+    if op is None:
+        return
+    if chunk_state is None:  # the expert wgrad: the micro-batch of the op before it
+        mb = EVENTS[-1][1]
+    else:
+        mb = MICRO_BATCH.setdefault(id(chunk_state), len(MICRO_BATCH))
+    EVENTS.append((kind, mb, op))
+
+
+def new_iteration():
+    EVENTS_START.append(len(EVENTS))
+    MICRO_BATCH.clear()
+
+
+def instrument():
+    """Wrap the schedule's entry points to record what actually ran (test instrumentation)."""
     from megatron.core.models.common import model_chunk_schedule_plan as plans
+    from megatron.core.pipeline_parallel.utils import ScheduleNode
 
     from megatron_dots.model.experts import TorchGroupedExperts
-    from megatron_dots.schedule import layer_plan as shared
+    from megatron_dots.schedule import layer_plan
 
     chunk_run = plans.TransformerModelChunkSchedulePlan.run
 
@@ -69,88 +98,42 @@ def count_calls():
 
     plans.TransformerModelChunkSchedulePlan.run = staticmethod(run)
 
-    for name in ("forward", "backward"):
-        original = getattr(shared._DeferredSharedExperts, name)
-
-        def counted(self, _original=original, _name=name):
-            COUNTS[f"shared_{_name}"] += 1
-            return _original(self)
-
-        setattr(shared._DeferredSharedExperts, name, counted)
-
-    # Delayed expert wgrad must run after its layer's dispatch backward was issued.
-    from megatron.core.pipeline_parallel.utils import ScheduleNode
-
-    node_backward = ScheduleNode.backward
-    last = {"node": None}
-
-    def tracked_backward(self, output_grad):
-        result = node_backward(self, output_grad)
-        last["node"] = self.name
-        return result
-
-    ScheduleNode.backward = tracked_backward
-    backward_dw = TorchGroupedExperts.backward_dw
-
-    def counted_backward_dw(self):
-        if self._pending_wgrad:
-            COUNTS["delayed_wgrads"] += len(self._pending_wgrad)
-            if last["node"] != "moe_dispatch":
-                COUNTS["wgrad_not_after_dispatch_backward"] += 1
-        return backward_dw(self)
-
-    TorchGroupedExperts.backward_dw = counted_backward_dw
-
-
-# Megatron-Core node names (0.16 / 0.19) -> the simulator's op names, per pass kind.
-NODE_OPS = {"F": {"attn": "attention", "pre_dispatch_computation": "attention",
-                  "moe_dispatch": "dispatch", "mlp": "experts", "moe_combine": "combine"},
-            "B": {"attn": "attention_bwd", "pre_dispatch_computation": "attention_bwd",
-                  "moe_dispatch": "dispatch_bwd", "mlp": "experts_dgrad",
-                  "moe_combine": "combine_bwd"}}
-TRACE = {"on": False, "events": [], "micro_batch": {}}
-
-
-def trace(kind, chunk_state, op):
-    if TRACE["on"] and op is not None:
-        ids = TRACE["micro_batch"]
-        mb = ids.setdefault(id(chunk_state), len(ids)) if chunk_state is not None else None
-        if mb is None:  # the expert wgrad: the micro-batch of the dispatch backward before it
-            mb = TRACE["events"][-1][1]
-        TRACE["events"].append((kind, mb, op))
-
-
-def trace_schedule():
-    """Record, in issue order (= execution order on CPU), every node of the schedule."""
-    from megatron.core.pipeline_parallel.utils import ScheduleNode
-
-    from megatron_dots.model.experts import TorchGroupedExperts
-    from megatron_dots.schedule import layer_plan
-
     for kind, method in (("F", "forward"), ("B", "backward")):
         original = getattr(ScheduleNode, method)
 
-        def traced(self, arg=(), _original=original, _kind=kind):
-            trace(_kind, getattr(self, "chunk_state", None), NODE_OPS[_kind].get(self.name))
+        def recorded(self, arg=(), _original=original, _kind=kind):
+            record(_kind, getattr(self, "chunk_state", None), NODE_OPS[_kind].get(self.name))
             return _original(self, arg)
 
-        setattr(ScheduleNode, method, traced)
+        setattr(ScheduleNode, method, recorded)
     for kind, method, op in (("F", "forward", "shared"), ("B", "backward", "shared_bwd")):
         original = getattr(layer_plan._DeferredSharedExperts, method)
 
-        def traced_shared(self, _original=original, _kind=kind, _op=op):
-            trace(_kind, self.layer_plan.chunk_state, _op)
+        def recorded_shared(self, _original=original, _kind=kind, _op=op):
+            record(_kind, self.layer_plan.chunk_state, _op)
             return _original(self)
 
-        setattr(layer_plan._DeferredSharedExperts, method, traced_shared)
+        setattr(layer_plan._DeferredSharedExperts, method, recorded_shared)
     backward_dw = TorchGroupedExperts.backward_dw
 
-    def traced_backward_dw(self):
+    def recorded_backward_dw(self):
         if self._pending_wgrad:
-            trace("B", None, "experts_wgrad")
+            COUNTS["delayed_wgrads"] += len(self._pending_wgrad)
+            record("B", None, "experts_wgrad")
         return backward_dw(self)
 
-    TorchGroupedExperts.backward_dw = traced_backward_dw
+    TorchGroupedExperts.backward_dw = recorded_backward_dw
+
+
+def event_counts():
+    """Shared-expert forwards / backwards and delayed wgrads that did not come right after
+    their layer's dispatch backward, from EVENTS."""
+    ops = [op for _, _, op in EVENTS]
+    COUNTS["shared_forward"] = ops.count("shared")
+    COUNTS["shared_backward"] = ops.count("shared_bwd")
+    COUNTS["wgrad_not_after_dispatch_backward"] = sum(
+        1 for i, op in enumerate(ops)
+        if op == "experts_wgrad" and (i == 0 or ops[i - 1] != "dispatch_bwd"))
 
 
 def train(args, cfg, full, overlap):
@@ -165,14 +148,12 @@ def train(args, cfg, full, overlap):
     dp_size = parallel_state.get_data_parallel_world_size()
     records = []
     for iteration in range(args.iters):
-        if overlap and args.trace and iteration == args.iters - 1:
-            TRACE["on"] = True
+        new_iteration()
         gen = torch.Generator().manual_seed(1000 + iteration)
         batch = torch.randint(0, cfg.vocab_size, (args.micro_batches * dp_size, MICRO_BATCH_SIZE,
                                                   SEQ_LENGTH + 1), generator=gen)
         mine = batch[dp_rank * args.micro_batches:(dp_rank + 1) * args.micro_batches]
         records.append(train_iteration(chunks, optimizer, mine, SEQ_LENGTH, MICRO_BATCH_SIZE))
-        TRACE["on"] = False
     # Evaluation runs the plain forward-only schedule, also on a model set up for the overlap.
     records[-1]["eval_loss"] = forward_backward(chunks, mine, SEQ_LENGTH, MICRO_BATCH_SIZE,
                                                 forward_only=True)
@@ -188,13 +169,12 @@ def main():
                       first_k_dense=args.first_k_dense)
     full = mcore_full_state(make_hf_model(cfg, seed=31, bias_scale=0.05), cfg, tp=args.tp)
     plain = train(args, cfg, full, overlap=False)
-    count_calls()
-    if args.trace:
-        trace_schedule()
+    instrument()
     ours = train(args, cfg, full, overlap=True)
+    event_counts()
     if args.trace and torch.distributed.get_rank() == 0:
         with open(args.trace, "w") as handle:
-            json.dump(TRACE["events"], handle)
+            json.dump(EVENTS[EVENTS_START[-1]:], handle)  # the last iteration
 
     worst = {"loss": 0.0, "grad": 0.0, "bias": 0.0}
     failures = []
