@@ -160,6 +160,12 @@ def _simulate_schedule(argv) -> int:
     return main(argv)
 
 
+def _megatron_lm_args(argv) -> int:
+    from .megatron_lm.native_flags import main
+
+    return main(argv)
+
+
 DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 
 
@@ -173,6 +179,8 @@ COMMANDS = {
                  "processes)"),
     "preprocess": (_preprocess, "JSONL -> Megatron indexed dataset (.bin/.idx), multiprocess"),
     "plot-experts": (_plot_experts, "expert-load CSV -> PNG heatmap (layer x expert)"),
+    "megatron-lm-args": (_megatron_lm_args, "the native Megatron-LM flags of a preset (for "
+                         "pretrain_gpt.py --spec megatron_dots.megatron_lm.spec dots_spec)"),
     "simulate-schedule": (_simulate_schedule, "step time, bubble and exposed all-to-all of "
                           "1F1B / interleaved / overlapped schedules from per-op times (PNG)"),
 }

@@ -28,9 +28,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch.nn.functional as F
 
-from .config import DotsConfig, DotsConfigError
-from .model.builder import build_dots_model
-from .training import arguments as _trainer_args
+from ..config import DotsConfig, DotsConfigError
+from ..model.builder import build_dots_model
+from ..training import arguments as _trainer_args
 
 MEGATRON_LM_TAG = "core_v0.16.1"
 
@@ -237,7 +237,7 @@ def _config_from_values(preset: str, values: Dict[str, object]) -> DotsConfig:
         if isinstance(freq, (list, tuple)) and len(freq) != num_layers:
             raise DotsArgumentError(f"--moe-layer-freq has {len(freq)} entries but the model has "
                                     f"--num-layers {num_layers}")
-        first_k = _first_k_dense(freq)
+        first_k = first_k_dense(freq)
         given = values.get("dots_first_k_dense")
         if given is not None and given != first_k:
             raise DotsArgumentError(
@@ -275,13 +275,18 @@ def _config_from_values(preset: str, values: Dict[str, object]) -> DotsConfig:
     try:
         return DotsConfig.preset(preset, **fields)
     except DotsConfigError as err:
-        message = str(err)
-        for field, _, flag in _MODEL_ARGS:
-            message = message.replace(f"DotsConfig.{field} ", f"{flag} (DotsConfig.{field}) ")
-        raise DotsArgumentError(f"--dots-model {preset}: {message}") from None
+        raise DotsArgumentError(f"--dots-model {preset}: {with_flags(err)}") from None
 
 
-def _first_k_dense(freq) -> int:
+def with_flags(err: DotsConfigError) -> str:
+    """The message of a DotsConfigError with the Megatron-LM flag of each field it names."""
+    message = str(err)
+    for field, _, flag in _MODEL_ARGS:
+        message = message.replace(f"DotsConfig.{field} ", f"{flag} (DotsConfig.{field}) ")
+    return message
+
+
+def first_k_dense(freq) -> int:
     """Leading dense layers of a dots --moe-layer-freq (an int 1 or a 0...0 1...1 list)."""
     if freq == 1:
         return 0
