@@ -22,15 +22,8 @@ if ! PYTHONPATH="$SITE" "$PY" -c "import sys, megatron.core as m; sys.exit(m.__v
   cp -r "$DIR/unpacked/megatron" "$SITE/"
 fi
 
-if ! PYTHONPATH="$SITE" "$PY" -c "import megatron.core.datasets.helpers_cpp" 2>/dev/null; then
-  # GPTDataset's index helpers (C++ with pybind11), compiled for this Python from the wheel's
-  # own helpers.cpp, as megatron-core's datasets/Makefile does.
-  "$PY" -m pip install --quiet --target "$DIR/pybind11" pybind11
-  DATASETS="$SITE/megatron/core/datasets"
-  read -r INCLUDES SUFFIX < <(PYTHONPATH="$DIR/pybind11" "$PY" -c "import pybind11, sysconfig
-print(f\"-I{pybind11.get_include()} -I{sysconfig.get_paths()['include']}\".replace(' ', ':'), sysconfig.get_config_var('EXT_SUFFIX'))")
-  g++ -O3 -Wall -shared -std=c++11 -fPIC ${INCLUDES//:/ } "$DATASETS/helpers.cpp" -o "$DATASETS/helpers_cpp$SUFFIX"
-fi
+# GPTDataset's index helpers, compiled for this Python from the wheel's own helpers.cpp.
+bash "$(dirname "$0")/build_dataset_helpers.sh" "$SITE"
 
 if ! PYTHONPATH="$SITE" "$PY" -c "import triton" 2>/dev/null; then
   # CPU torch wheels do not bring triton; `import triton` works without a GPU.

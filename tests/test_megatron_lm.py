@@ -231,3 +231,22 @@ def test_megatron_lm_args_command(capsys):
     assert lines[lines.index("--padded-vocab-size") + 1] == "152576"  # 128 x 8 multiple
     assert main(["megatron-lm-args", "no-such-preset"]) == 2
     assert "no-such-preset" in capsys.readouterr().err
+
+
+def test_gpu_suite_step_lists_every_release_and_path(tmp_path):
+    """bench/megatron_lm_gpu.sh (Megatron-LM's pretrain() needs a GPU) in its dry run."""
+    import subprocess
+
+    from launch import REPO_ROOT
+
+    proc = subprocess.run(["bash", os.path.join(REPO_ROOT, "bench", "megatron_lm_gpu.sh"),
+                           str(tmp_path)], env=dict(os.environ, GPU_SUITE_DRY_RUN="1",
+                                                    MEGATRON_DOTS_QUIET="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, describe(proc)
+    commands = [line for line in proc.stdout.splitlines() if line.startswith("MEGATRON_LM_DIR=")]
+    launcher = [c for c in commands if "megatron_dots.megatron_lm.launch" in c]
+    spec = [c for c in commands if "--spec megatron_dots.megatron_lm.spec dots_spec" in c]
+    assert len(launcher) == 3 and len(spec) == 2, proc.stdout
+    assert all("--bf16 --use-distributed-optimizer" in c for c in commands)
+    assert all("--moe-router-score-function sigmoid" in c for c in spec)

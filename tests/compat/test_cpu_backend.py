@@ -91,7 +91,9 @@ def test_no_effect_when_cuda_available():
     code = textwrap.dedent(
         """
         import json, torch
-        torch.cuda.is_available = lambda: True   # pretend to be a GPU machine
+        torch.cuda.is_available = lambda: True   # pretend to be a GPU machine (an H100:
+        torch.cuda.get_device_name = lambda *a: "NVIDIA H100"  # megatron-core 0.20 asks at
+        torch.cuda.get_device_capability = lambda *a: (9, 0)    # import time)
         from megatron_dots.compat import cpu_backend
         r = cpu_backend.enable_cpu_backend()
         from megatron.core.tensor_parallel import layers, random
