@@ -118,7 +118,7 @@ _TRAINER_ONLY = {
 }
 
 # TransformerConfig field -> the Megatron-LM flag that sets it (for check_transformer_config).
-_CONFIG_FLAGS = {
+CONFIG_FLAGS = {
     "num_layers": "--num-layers",
     "hidden_size": "--hidden-size",
     "num_attention_heads": "--num-attention-heads",
@@ -360,7 +360,7 @@ def check_transformer_config(config, cfg: DotsConfig) -> None:
     that disagrees with the dots model `cfg`."""
     reference = cfg.to_transformer_config()
     problems = []
-    for field, flag in _CONFIG_FLAGS.items():
+    for field, flag in CONFIG_FLAGS.items():
         want, got = getattr(reference, field), getattr(config, field, None)
         if got != want:
             problems.append(f"{field} is {got!r}, the dots model needs {want!r} ({flag})")

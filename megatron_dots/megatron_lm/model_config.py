@@ -12,26 +12,21 @@ from typing import List, Optional
 import torch.nn.functional as F
 
 from ..config import DotsConfig, DotsConfigError
-from .arguments import DotsArgumentError, first_k_dense, with_flags
+from .arguments import CONFIG_FLAGS, DotsArgumentError, first_k_dense, with_flags
 
-# TransformerConfig field -> (DotsConfig field, the flag that sets it).
-_SHAPE = (
-    ("num_layers", "num_layers", "--num-layers"),
-    ("hidden_size", "hidden_size", "--hidden-size"),
-    ("num_attention_heads", "num_attention_heads", "--num-attention-heads"),
-    ("num_query_groups", "num_query_groups", "--num-query-groups (with --group-query-attention)"),
-    ("kv_channels", "kv_channels", "--kv-channels"),
-    ("ffn_hidden_size", "ffn_hidden_size", "--ffn-hidden-size"),
-    ("num_moe_experts", "num_moe_experts", "--num-experts"),
-    ("moe_ffn_hidden_size", "moe_ffn_hidden_size", "--moe-ffn-hidden-size"),
-    ("moe_router_topk", "moe_router_topk", "--moe-router-topk"),
-    ("moe_router_topk_scaling_factor", "routed_scaling_factor",
-     "--moe-router-topk-scaling-factor"),
-    ("layernorm_epsilon", "norm_epsilon", "--norm-epsilon"),
-    ("add_qkv_bias", "attention_bias", "--add-qkv-bias"),
-    ("init_method_std", "init_method_std", "--init-method-std"),
-    ("moe_router_bias_update_rate", "bias_update_rate", "--moe-router-bias-update-rate"),
-)
+# TransformerConfig field -> DotsConfig field, and the flag of each.
+_SHAPE = {
+    "num_layers": "num_layers", "hidden_size": "hidden_size",
+    "num_attention_heads": "num_attention_heads", "num_query_groups": "num_query_groups",
+    "kv_channels": "kv_channels", "ffn_hidden_size": "ffn_hidden_size",
+    "num_moe_experts": "num_moe_experts", "moe_ffn_hidden_size": "moe_ffn_hidden_size",
+    "moe_router_topk": "moe_router_topk",
+    "moe_router_topk_scaling_factor": "routed_scaling_factor",
+    "layernorm_epsilon": "norm_epsilon", "add_qkv_bias": "attention_bias",
+    "init_method_std": "init_method_std", "moe_router_bias_update_rate": "bias_update_rate",
+}
+_FLAGS = {**CONFIG_FLAGS, "init_method_std": "--init-method-std",
+          "moe_router_bias_update_rate": "--moe-router-bias-update-rate"}
 
 # Fields a dots model needs at one value: field -> (value, what to pass). A field this
 # megatron-core release does not have counts as its dots value.
@@ -90,10 +85,10 @@ def dots_config_from_model_config(config, base: Optional[DotsConfig] = None) -> 
                         "--moe-router-load-balancing-type seq_aux_loss (or none)")
 
     fields = {}
-    for field, dots_field, flag in _SHAPE:
+    for field, dots_field in _SHAPE.items():
         value = getattr(transformer, field)
         if value is None:
-            problems.append(f"{field} is not set ({flag})")
+            problems.append(f"{field} is not set ({_FLAGS[field]})")
         else:
             fields[dots_field] = value
     fields["attention_bias"] = bool(fields.get("attention_bias"))

@@ -90,15 +90,11 @@ def parse(argv, extra_args_provider=None, parallel=()):
     return args
 
 
-def native(cfg):
-    return megatron_lm_flags(cfg)
-
-
 def round_trips():
     out = {}
     for preset in sorted(PRESETS):
         cfg = DotsConfig.preset(preset)
-        args = parse(native(cfg) + (SPEC if api.HAS_CONFIG_CONTAINER else []) + RUN)
+        args = parse(megatron_lm_flags(cfg) + (SPEC if api.HAS_CONFIG_CONTAINER else []) + RUN)
         back = dots_config_from_model_config(api.model_config_from_args(args), base=cfg)
         out[preset] = {"equal": back == cfg, "back": back.to_dict()}
     return out
@@ -149,7 +145,7 @@ def evaluate(model, transformer_config, cfg, ckpt, tokens):
 
 
 def bad_flags(cfg):
-    return {name: {"flag": flag, **_error_of(edit(native(cfg)))}
+    return {name: {"flag": flag, **_error_of(edit(megatron_lm_flags(cfg)))}
             for name, (edit, flag) in BAD.items()}
 
 
