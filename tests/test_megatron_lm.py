@@ -58,14 +58,18 @@ def release(request, sources, hf_and_ckpt, tmp_path_factory):
     return request.param, _worker(root, hf_and_ckpt[1], out, "--round-trip", "--bad-flags")
 
 
-def _hf_reference(model, tokens):
-    tokens = torch.tensor(tokens)
+def assert_builds_match_transformers(result, model):
+    """Every build's logits (<= 1e-4) and loss (<= 1e-5) on the worker's tokens equal
+    transformers'."""
+    tokens = torch.tensor(result["tokens"])
     with torch.no_grad():
         logits = model(tokens[:, :-1]).logits
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                             tokens[:, 1:].reshape(-1))
-    return logits, loss.item()
-
+                                             tokens[:, 1:].reshape(-1)).item()
+    for name, build in result["builds"].items():
+        ours = torch.tensor(build["logits"])[..., :logits.shape[-1]]
+        assert (ours - logits).abs().max().item() <= 1e-4, name
+        assert abs(build["loss"] - loss) <= 1e-5, name
 
 def test_the_release_runs_its_own_megatron_core(release):
     name, result = release
@@ -97,12 +101,7 @@ def test_models_megatron_lm_builds_hold_our_modules_and_shapes(release):
 
 def test_converted_checkpoint_in_megatron_lm_model_gives_transformers_logits(release,
                                                                             hf_and_ckpt):
-    _, result = release
-    logits, loss = _hf_reference(hf_and_ckpt[0], result["tokens"])
-    for name, build in result["builds"].items():
-        ours = torch.tensor(build["logits"])[..., :logits.shape[-1]]
-        assert (ours - logits).abs().max().item() <= 1e-4, name
-        assert abs(build["loss"] - loss) <= 1e-5, name
+    assert_builds_match_transformers(release[1], hf_and_ckpt[0])
 
 
 def test_flags_a_dots_model_cannot_have_are_errors_naming_the_flag(release):
@@ -118,13 +117,10 @@ def test_tensor_and_expert_parallel_under_torchrun(layout, sources, hf_and_ckpt,
     transformers' loss."""
     root = unpack("core_v0.19.0", sources)
     result = _worker(root, hf_and_ckpt[1], str(tmp_path / "r.json"), *layout, nproc=2)
-    logits, loss = _hf_reference(hf_and_ckpt[0], result["tokens"])
     assert set(result["builds"]) == {"launcher", "spec"}
-    for name, build in result["builds"].items():
+    for build in result["builds"].values():
         assert build["same_parameters_as_build_dots_model"], build["parameter_diff"]
-        assert abs(build["loss"] - loss) <= 1e-5, name
-        ours = torch.tensor(build["logits"])[..., :logits.shape[-1]]
-        assert (ours - logits).abs().max().item() <= 1e-4, name
+    assert_builds_match_transformers(result, hf_and_ckpt[0])
 
 
 # ------------------------------------------------------------- no silent stock model

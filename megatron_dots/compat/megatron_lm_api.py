@@ -15,7 +15,6 @@ not by a version string: Megatron-LM itself has none besides its megatron-core's
 Only importable with a Megatron-LM checkout (its `megatron.training`) on `sys.path`.
 """
 
-import importlib.util
 import types
 import typing
 from functools import partial
@@ -30,11 +29,11 @@ if not hasattr(typing, "override"):
 
 from megatron.training import arguments as mlm_arguments  # noqa: E402
 
-HAS_CONFIG_CONTAINER = (
-    importlib.util.find_spec("megatron.training.argument_utils") is not None
-    and hasattr(importlib.import_module("megatron.training.argument_utils"),
-                "gpt_config_from_args")
-)
+try:
+    from megatron.training.argument_utils import gpt_config_from_args  # noqa: F401
+    HAS_CONFIG_CONTAINER = True
+except ImportError:  # core_v0.16: no such module
+    HAS_CONFIG_CONTAINER = False
 
 ARGS_DEFAULTS = {"tokenizer_type": "GPT2BPETokenizer"}  # pretrain_gpt.py's
 
@@ -43,8 +42,6 @@ def model_config_from_args(args):
     """Megatron-LM's model config for parsed `args`: its `GPTModelConfig` where the release has
     one, else a view with the same GPT fields around `core_transformer_config_from_args`."""
     if HAS_CONFIG_CONTAINER:
-        from megatron.training.argument_utils import gpt_config_from_args
-
         return gpt_config_from_args(args)
     return types.SimpleNamespace(
         transformer=mlm_arguments.core_transformer_config_from_args(args),
@@ -88,9 +85,7 @@ def run_pretrain(pretrain_gpt, extra_args_provider, build_stage, check_args):
                  args_defaults=ARGS_DEFAULTS, extra_args_provider=extra_args_provider,
                  store=store, get_embedding_ranks=pretrain_gpt.get_embedding_ranks)
         return
-    from megatron.training.argument_utils import (
-        gpt_config_from_args, pretrain_cfg_container_from_args,
-    )
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
 
     DotsGPTModelBuilder.build_stage = staticmethod(build_stage)
     model_cfg = gpt_config_from_args(args, model_config_cls=DotsGPTModelConfig)

@@ -76,7 +76,7 @@ _DERIVED_ARGS = ("num_query_groups", "group_query_attention", "moe_layer_freq",
 
 # Megatron-LM args a dots model needs at fixed values (not DotsConfig fields): the preset
 # makes them the defaults, validate_dots_args rejects other values. attr -> (value, flag).
-_FIXED = {
+FIXED_ARGS = {
     "position_embedding_type": ("rope", "--position-embedding-type rope"),
     "normalization": ("RMSNorm", "--normalization RMSNorm"),
     "swiglu": (True, "--swiglu"),
@@ -88,7 +88,7 @@ _FIXED = {
     "moe_router_dtype": ("fp32", "--moe-router-dtype fp32"),
 }
 # Megatron-LM's defaults that a dots model also needs; only checked.
-_UNSUPPORTED = {
+UNSUPPORTED_ARGS = {
     "rotary_percent": (1.0, "--rotary-percent 1.0"),
     "rotary_interleaved": (False, "no --rotary-interleaved"),
     "use_rope_scaling": (False, "no --use-rope-scaling"),
@@ -180,7 +180,7 @@ def megatron_lm_defaults(cfg: DotsConfig) -> Dict[str, object]:
         hidden_dropout=0.0,
         attention_dropout=0.0,
     )
-    defaults.update({attr: value for attr, (value, _) in _FIXED.items()})
+    defaults.update({attr: value for attr, (value, _) in FIXED_ARGS.items()})
     return defaults
 
 
@@ -314,7 +314,7 @@ def validate_dots_args(args, cfg: Optional[DotsConfig] = None) -> DotsConfig:
     """Reject Megatron-LM flags that contradict the dots architecture or layout; returns the
     DotsConfig."""
     cfg = cfg or dots_config_from_args(args)
-    for attr, (value, flag) in {**_FIXED, **_UNSUPPORTED}.items():
+    for attr, (value, flag) in {**FIXED_ARGS, **UNSUPPORTED_ARGS}.items():
         actual = getattr(args, attr, value)
         if actual != value:
             raise DotsArgumentError(

@@ -12,7 +12,9 @@ from typing import List, Optional
 import torch.nn.functional as F
 
 from ..config import DotsConfig, DotsConfigError
-from .arguments import CONFIG_FLAGS, DotsArgumentError, first_k_dense, with_flags
+from .arguments import (
+    CONFIG_FLAGS, FIXED_ARGS, UNSUPPORTED_ARGS, DotsArgumentError, first_k_dense, with_flags,
+)
 
 # TransformerConfig field -> DotsConfig field, and the flag of each.
 _SHAPE = {
@@ -28,31 +30,25 @@ _SHAPE = {
 _FLAGS = {**CONFIG_FLAGS, "init_method_std": "--init-method-std",
           "moe_router_bias_update_rate": "--moe-router-bias-update-rate"}
 
-# Fields a dots model needs at one value: field -> (value, what to pass). A field this
-# megatron-core release does not have counts as its dots value.
-_TRANSFORMER_FIXED = {
-    "normalization": ("RMSNorm", "--normalization RMSNorm"),
-    "qk_layernorm": (True, "--qk-layernorm"),
-    "gated_linear_unit": (True, "--swiglu"),
-    "add_bias_linear": (False, "--disable-bias-linear"),
-    "moe_router_score_function": ("sigmoid", "--moe-router-score-function sigmoid"),
-    "moe_router_enable_expert_bias": (True, "--moe-router-enable-expert-bias"),
-    "moe_router_dtype": ("fp32", "--moe-router-dtype fp32"),
-    "moe_router_pre_softmax": (False, "no --moe-router-pre-softmax"),
-    "moe_router_num_groups": (None, "no --moe-router-num-groups"),
-    "moe_shared_expert_gate": (False, "no --moe-shared-expert-gate"),
-    "multi_latent_attention": (False, "no --multi-latent-attention"),
-    "mtp_num_layers": (None, "no --mtp-num-layers"),
-    "rotary_interleaved": (False, "no --rotary-interleaved"),
-    "moe_latent_size": (None, "no --moe-latent-size"),
-    "experimental_attention_variant": (None, "no --experimental-attention-variant"),
+# The values a dots model needs are arguments.FIXED_ARGS / UNSUPPORTED_ARGS, keyed by Megatron-LM
+# args attribute; the config field of the same name holds each, except these (field, negated).
+_CONFIG_FIELDS = {
+    "swiglu": ("gated_linear_unit", False),
+    "use_rope_scaling": ("rope_scaling", False),
+    "untie_embeddings_and_output_weights": ("share_embeddings_and_output_weights", True),
 }
-_GPT_FIXED = {
-    "position_embedding_type": ("rope", "--position-embedding-type rope"),
-    "share_embeddings_and_output_weights": (False, "--untie-embeddings-and-output-weights"),
-    "rotary_percent": (1.0, "--rotary-percent 1.0"),
-    "rope_scaling": (False, "no --use-rope-scaling"),
-}
+
+
+def _required_config_values():
+    """Config field -> (the value a dots model needs, the flag that sets it)."""
+    required = {}
+    for attr, (value, flag) in {**FIXED_ARGS, **UNSUPPORTED_ARGS}.items():
+        field, negated = _CONFIG_FIELDS.get(attr, (attr, False))
+        required[field] = (not value if negated else value, flag)
+    return required
+
+
+_REQUIRED = _required_config_values()
 
 
 def dots_config_from_model_config(config, base: Optional[DotsConfig] = None) -> DotsConfig:
@@ -67,15 +63,12 @@ def dots_config_from_model_config(config, base: Optional[DotsConfig] = None) -> 
     gpt = config if transformer is not config else None
     problems: List[str] = []
 
-    def need(owner, fixed):
-        for field, (value, flag) in fixed.items():
-            got = getattr(owner, field, value)
-            if got != value:
-                problems.append(f"{field} is {got!r}; dots models need {flag}")
-
-    need(transformer, _TRANSFORMER_FIXED)
-    if gpt is not None:
-        need(gpt, _GPT_FIXED)
+    for field, (value, flag) in _REQUIRED.items():
+        # A field this release (or a bare TransformerConfig) lacks counts as its dots value.
+        owner = gpt if gpt is not None and hasattr(gpt, field) else transformer
+        got = getattr(owner, field, value)
+        if got != value:
+            problems.append(f"{field} is {got!r}; dots models need {flag}")
     if transformer.gated_linear_unit and transformer.activation_func is not F.silu:
         problems.append(f"activation_func is {transformer.activation_func!r}; dots models need "
                         "--swiglu (SiLU)")

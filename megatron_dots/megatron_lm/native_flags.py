@@ -31,6 +31,9 @@ def moe_layer_freq_expression(cfg: DotsConfig) -> str:
 
 def megatron_lm_flags(cfg: DotsConfig, tensor_model_parallel_size: int = 1) -> List[str]:
     """The Megatron-LM command-line words (flag, value, ...) that describe `cfg`."""
+    if float(int(cfg.rotary_base)) != cfg.rotary_base:
+        raise ValueError(f"rotary_base {cfg.rotary_base} is not an integer; Megatron-LM's "
+                         "--rotary-base takes an int")
     words = [
         "--num-layers", cfg.num_layers,
         "--hidden-size", cfg.hidden_size,
@@ -69,9 +72,6 @@ def megatron_lm_flags(cfg: DotsConfig, tensor_model_parallel_size: int = 1) -> L
         "--make-vocab-size-divisible-by", cfg.make_vocab_size_divisible_by,
         "--padded-vocab-size", cfg.padded_vocab_size(tensor_model_parallel_size),
     ]
-    if float(int(cfg.rotary_base)) != cfg.rotary_base:
-        raise ValueError(f"rotary_base {cfg.rotary_base} is not an integer; Megatron-LM's "
-                         "--rotary-base takes an int")
     return [w if isinstance(w, str) else _number(w) for w in words]
 
 
