@@ -26,6 +26,7 @@ def build(args, dots_overrides=None, configure=None):
     from megatron_dots.config import DotsConfig
     from megatron_dots.model import build_dots_model_chunks
     from megatron_dots.training.optimizer import build_optimizer
+    from megatron_dots.training.precision import LOSS_SCALE_DEFAULTS
     from megatron_dots.training.step import wrap_with_ddp
 
     init_distributed()
@@ -54,7 +55,8 @@ def build(args, dots_overrides=None, configure=None):
     )
     opt_args = types.SimpleNamespace(
         optimizer="adam", lr=args.lr, min_lr=0.0, weight_decay=0.0, adam_beta1=0.9,
-        adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0, bf16=bf16, use_distributed_optimizer=False,
+        adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0, bf16=bf16, fp16=False, loss_scale=None,
+        use_distributed_optimizer=False, overlap_param_gather=False, **LOSS_SCALE_DEFAULTS,
     )
     optimizer = build_optimizer(opt_args, chunks)
     return dc, cfg, chunks, optimizer, device, dtype

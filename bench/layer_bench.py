@@ -282,7 +282,7 @@ def train_step_case(args, device, results):
     losses = []
 
     def step():
-        losses.append(train_step(chunks, optimizer, batches, args.seq, 1)[0])
+        losses.append(train_step(chunks, optimizer, batches, args.seq, 1).loss)
 
     timing = time_case(step, args, device)
     tokens = args.train_micro_batches * args.seq

@@ -153,8 +153,8 @@ def run_strategy(name, recompute, chunks, optimizer, workload, args, vocab, devi
         oom = False
         start = time.perf_counter()
         try:
-            loss, _ = train_step(chunks, optimizer, batches, max(lengths), args.micro_batch_size,
-                                 recompute=recompute)
+            loss = train_step(chunks, optimizer, batches, max(lengths), args.micro_batch_size,
+                              recompute=recompute).loss
             sync(device)
         except torch.OutOfMemoryError:
             oom = True

@@ -39,3 +39,26 @@ def tiny_hf_model_and_cfg():
 
     cfg = tiny_config()
     return make_hf_model(cfg, seed=0, bias_scale=0.3), cfg
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """Two synthetic indexed datasets (a blend) for `megatron-dots pretrain` runs."""
+    from pretrain_runs import VOCAB
+    from training_data import write_progressions
+
+    root = tmp_path_factory.mktemp("data")
+    return [write_progressions(str(root / "a"), VOCAB, seed=1),
+            write_progressions(str(root / "b"), VOCAB, seed=2)]
+
+
+@pytest.fixture(scope="session")
+def converted_start(tmp_path_factory):
+    """A release checkpoint converted from a random HF dots-tiny: every layout starts here."""
+    from reference import make_hf_model, tiny_config
+
+    from megatron_dots.convert.hf_to_mcore import convert_hf_to_mcore
+
+    root = tmp_path_factory.mktemp("start")
+    make_hf_model(tiny_config(), seed=5, bias_scale=0.05).save_pretrained(root / "hf")
+    return convert_hf_to_mcore(str(root / "hf"), str(root / "mcore"), progress=False)

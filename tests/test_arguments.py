@@ -67,8 +67,17 @@ def test_valid_flags_fill_derived_values():
     (["--exit-signal-handler"], 1, ["--exit-signal-handler needs --save"]),
     (["--load", "/nonexistent/ckpt"], 1, ["--load /nonexistent/ckpt"]),
     (["--split", "0,1,1"], 1, ["--split"]),
-    (["--bf16"], 1, ["--bf16 needs a GPU"]),
-    (["--use-distributed-optimizer"], 1, ["--use-distributed-optimizer needs a GPU"]),
+    (["--bf16", "--fp16"], 1, ["--bf16 or --fp16, not both"]),
+    (["--overlap-param-gather", "--overlap-grad-reduce"], 1,
+     ["--overlap-param-gather needs --use-distributed-optimizer"]),
+    (["--overlap-param-gather", "--use-distributed-optimizer"], 1,
+     ["--overlap-param-gather needs --overlap-grad-reduce"]),
+    (["--bf16", "--loss-scale", "1024", "--hysteresis", "4"], 1,
+     ["--loss-scale, --hysteresis need --fp16"]),
+    (["--fp16", "--initial-loss-scale", "0"], 1, ["--initial-loss-scale must be positive"]),
+    (["--overlap-grad-reduce", "--ddp-bucket-size", "0"], 1,
+     ["--ddp-bucket-size must be positive"]),
+    (["--ddp-bucket-size", "20000"], 1, ["--ddp-bucket-size needs --overlap-grad-reduce"]),
     (["--num-experts", "0"], 1, ["--num-experts"]),
     (["--micro-batch-size", "0"], 1, ["--micro-batch-size must be positive"]),
     (["--dots-recompute-budget-gb", "0"], 1, ["--dots-recompute-budget-gb must be positive"]),
@@ -100,6 +109,19 @@ def test_a2a_overlap_flags():
                                "--num-layers-per-virtual-pipeline-stage", "1"], world_size=4)
     assert alias.dots_a2a_overlap and not alias.delay_wgrad_compute
     assert not parse_args(BASE).dots_a2a_overlap
+
+
+def test_precision_and_distributed_optimizer_flags():
+    """What every real run passes validates on a CPU-only machine too (the CPU backend runs
+    it); fp16 gets Megatron-LM's loss-scaling defaults."""
+    args = parse_args(BASE + ["--bf16", "--use-distributed-optimizer", "--overlap-grad-reduce",
+                              "--overlap-param-gather", "--global-batch-size", "4"],
+                      world_size=2)
+    assert args.bf16 and args.use_distributed_optimizer
+    assert args.overlap_grad_reduce and args.overlap_param_gather
+    fp16 = parse_args(BASE + ["--fp16"], 1)
+    assert (fp16.initial_loss_scale, fp16.min_loss_scale, fp16.loss_scale_window,
+            fp16.hysteresis, fp16.loss_scale) == (2.0 ** 32, 1.0, 1000.0, 2, None)
 
 
 def test_data_and_tokenizer_flags(tmp_path):

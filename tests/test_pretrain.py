@@ -2,7 +2,6 @@
 batch stages, telemetry and logs, a killed save, and multi-process layouts (torchrun, gloo)
 that must reproduce the single-process losses from the same converted starting weights."""
 
-import csv
 import json
 import os
 import signal
@@ -12,60 +11,8 @@ import sys
 import pytest
 import torch
 
-from launch import REPO_ROOT, _env, describe, torchrun
-from training_data import write_progressions
-
-EXAMPLE = os.path.join(REPO_ROOT, "examples", "pretrain_dots.py")
-VOCAB = 511  # NullTokenizer: ids 0..510, end of document 511; dots-tiny has 512 rows
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    return [write_progressions(str(root / "a"), VOCAB, seed=1),
-            write_progressions(str(root / "b"), VOCAB, seed=2)]
-
-
-def flags(data, out, **changes):
-    """Pretrain flags for dots-tiny on the synthetic blend; `changes` override (None drops)."""
-    values = {
-        "dots_model": "dots-tiny", "micro_batch_size": 4, "global_batch_size": 8,
-        "seq_length": 64, "train_iters": 20, "lr": 3e-3, "min_lr": 3e-4,
-        "lr_decay_style": "WSD", "lr_warmup_iters": 2, "lr_wsd_decay_iters": 5,
-        "data_cache_path": out / "cache", "tokenizer_type": "NullTokenizer",
-        "vocab_size": VOCAB, "log_interval": 5, "eval_interval": 10, "eval_iters": 1,
-    }
-    values.update(changes)
-    args = ["--data-path", "0.6", data[0], "0.4", data[1]]
-    for key, value in values.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            args.append(flag)
-        elif value is not None:
-            args += [flag, str(value)]
-    return args
-
-
-CONSTANT_LR = dict(lr_decay_style="constant", lr_wsd_decay_iters=None, lr_warmup_iters=0)
-
-
-def run(args, nproc=1, timeout=300):
-    if nproc > 1:
-        proc = torchrun(EXAMPLE, nproc, *args, timeout=timeout)
-    else:
-        proc = subprocess.run([sys.executable, EXAMPLE, *args], cwd=REPO_ROOT, env=_env(),
-                              capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, describe(proc)
-    return proc
-
-
-def read_csv(path):
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def losses(path):
-    return {int(r["iteration"]): float(r["loss"]) for r in read_csv(path)}
+from launch import REPO_ROOT, _env
+from pretrain_runs import CONSTANT_LR, flags, losses, read_csv, run
 
 
 @pytest.fixture(scope="module")
@@ -207,18 +154,6 @@ def test_kill_during_save_keeps_the_last_good_checkpoint(data, tmp_path):
     assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("iter_")) == [
         "iter_0000004", "iter_0000008", "iter_0000010"]
     assert sorted(losses(ckpt / "losses.csv")) == list(range(1, 11))
-
-
-@pytest.fixture(scope="module")
-def converted_start(tmp_path_factory):
-    """A release checkpoint converted from a random HF dots-tiny: every layout starts here."""
-    from reference import make_hf_model, tiny_config
-
-    from megatron_dots.convert.hf_to_mcore import convert_hf_to_mcore
-
-    root = tmp_path_factory.mktemp("start")
-    make_hf_model(tiny_config(), seed=5, bias_scale=0.05).save_pretrained(root / "hf")
-    return convert_hf_to_mcore(str(root / "hf"), str(root / "mcore"), progress=False)
 
 
 @pytest.fixture(scope="module")

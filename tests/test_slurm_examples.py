@@ -3,8 +3,7 @@ own argument validation for the world size their #SBATCH lines ask for.
 
 Each script prints its argument array (NUL-separated) and stops when DOTS_SBATCH_PRINT_ARGS=1,
 so the flags checked here are exactly the ones bash would pass, variables expanded. Paths are
-replaced by temporary files and CUDA is pretended (--bf16 / --use-distributed-optimizer
-refuse to validate on a CPU-only machine).
+replaced by temporary files.
 """
 
 import os
@@ -61,11 +60,6 @@ def paths(tmp_path):
             "TOKENIZER": str(tmp_path / "tokenizer"), "CKPT": str(tmp_path / "ckpt")}
 
 
-@pytest.fixture
-def cuda(monkeypatch):
-    monkeypatch.setattr(arguments, "_cuda_available", lambda: True)
-
-
 def validated(argv, world):
     """megatron-dots' parse + validate_args (which also checks megatron-core's expert grid)."""
     args = arguments.build_parser().parse_args(argv)
@@ -89,13 +83,14 @@ def test_scripts_save_on_sigterm_and_resume_from_the_same_directory(name, paths)
 
 @pytest.mark.parametrize("tp", ["8", "4"])
 @pytest.mark.parametrize("phase", ["main", "anneal2"])
-def test_dots_llm1_layout_and_schedule_validate(paths, cuda, tp, phase):
+def test_dots_llm1_layout_and_schedule_validate(paths, tp, phase):
     name = "dots_llm1.sbatch"
     args = validated(printed_args(name, {**paths, "DOTS_TP": tp, "PHASE": phase}),
                      world_size(name))
     cfg = args.dots_config
     assert (cfg.num_layers, cfg.num_moe_experts, cfg.hidden_size) == (62, 128, 4096)
     assert args.seq_length == 8192 and args.bf16 and args.use_distributed_optimizer
+    assert args.overlap_grad_reduce and args.overlap_param_gather
     assert [s.batch_tokens for s in args.batch_stages] == [64 << 20, 96 << 20, 128 << 20]
     assert [s.start_tokens for s in args.batch_stages] == [0, 6 * 10**12, 83 * 10**11]
     assert args.lr_decay_style == "WSD"
@@ -106,7 +101,7 @@ def test_dots_llm1_layout_and_schedule_validate(paths, cuda, tp, phase):
     assert args.data_parallel_size == world_size(name) // (int(tp) * 2)
 
 
-def test_dots_llm1_iteration_counts_match_the_token_budget(paths, cuda):
+def test_dots_llm1_iteration_counts_match_the_token_budget(paths):
     """main ends at 11T tokens (10T stable + 1T anneal), anneal2 adds 200B; the anneals start
     at 10T and 11T tokens."""
     from megatron_dots.training.batch_stages import total_samples
@@ -125,7 +120,7 @@ def test_dots_llm1_iteration_counts_match_the_token_budget(paths, cuda):
 
 
 @pytest.mark.parametrize("with_data", [True, False])
-def test_dots_mini_layout_validates(paths, cuda, with_data):
+def test_dots_mini_layout_validates(paths, with_data):
     name = "dots_mini_1node.sbatch"
     env = paths if with_data else {"CKPT": paths["CKPT"]}
     args = validated(printed_args(name, env), world_size(name))
@@ -135,7 +130,7 @@ def test_dots_mini_layout_validates(paths, cuda, with_data):
 
 
 @pytest.mark.parametrize("name", TRAINING)
-def test_a2a_overlap_opt_in_validates(paths, cuda, name):
+def test_a2a_overlap_opt_in_validates(paths, name):
     """DOTS_A2A_OVERLAP=1: the overlap schedule with delayed wgrad (and, with PP 2, one layer
     per virtual stage), on a layout megatron-dots accepts, and more than one CUDA connection."""
     argv = printed_args(name, {**paths, "DOTS_A2A_OVERLAP": "1"})
@@ -150,7 +145,7 @@ def test_a2a_overlap_opt_in_validates(paths, cuda, name):
     assert re.search(r'DOTS_A2A_OVERLAP:-0}" == 1 ]]; then\n(?:.*\n){1,2}\s*CONNECTIONS=32', text)
 
 
-def test_an_invalid_layout_fails_validation(paths, cuda):
+def test_an_invalid_layout_fails_validation(paths):
     """The check above catches a broken script: EP 7 (divides neither the 128 experts nor
     DP), EP 32 (TP 8 x EP 32 x PP 2 = 512 GPUs for an expert grid on 256), PP 4 (62
     layers do not split into 4 stages)."""

@@ -4,9 +4,20 @@ Megatron-Core hard-codes CUDA in many places (``torch.cuda.current_device()`` as
 device, ``device="cuda"`` literals, CUDA RNG state, CUDA streams/events, ``.cuda()`` calls).
 :func:`enable_cpu_backend` makes the training path of GPT/MoE models run on CPU with
 ``torch.distributed`` gloo: single process and torchrun, TP (+SP), EP (alltoall token
-dispatcher), PP, PP with virtual pipeline (interleaved 1F1B), Megatron DDP,
-``finalize_model_grads`` (incl. the MoE router expert-bias update) and the non-distributed
-Megatron optimizer with fp32 params.
+dispatcher), PP, PP with virtual pipeline (interleaved 1F1B), Megatron DDP with overlapped
+gradient reduce(-scatter) and parameter all-gather, ``finalize_model_grads`` (incl. the MoE
+router expert-bias update), and Megatron-Core's optimizers as real runs use them: bf16 / fp16
+parameters in ``Float16Module`` with the mixed-precision optimizer (fp32 main weights, dynamic
+loss scaling for fp16), the distributed optimizer (fp32 main weights and Adam state sharded
+over data-parallel ranks), gradient clipping and its fully reshardable checkpoint state.
+
+Collectives: gloo in torch >= 2.x implements every collective this path calls, for fp32, bf16
+and fp16 tensors, including ``reduce_scatter_tensor`` / ``all_gather_into_tensor`` (the
+distributed optimizer's bucket reduce-scatter and parameter all-gather) inside
+``_coalescing_manager`` (verified on torch 2.13), so nothing is emulated: the same NCCL-path
+calls run on gloo. Streams and events are no-ops on CPU, so "overlapped" communication runs
+at the point it is issued (asynchronous handles are waited on where upstream waits): the
+order of operations and the numbers are those of a GPU run, the overlap itself is not.
 
 Scope and safety
 ----------------
@@ -43,11 +54,10 @@ Scope and safety
   the pipeline group has more than one rank.
 * Not covered / untested: context parallelism
   (``models/common/embeddings/rope_utils.py:get_pos_emb_on_this_cp_rank`` pins memory and calls
-  ``.cuda()``); CUDA graphs; ``overlap_grad_reduce``/``overlap_param_gather`` (streams are
-  no-ops, untested); the distributed optimizer; fp16/bf16 params
-  (``Float16OptimizerWithFloat16Params`` checks ``param.type() == 'torch.cuda.*Tensor'`` and
-  rejects CPU params); ``utils.py:check_param_hashes_across_dp_replicas`` and the optimizer
-  CPU-offload reload (``.cuda()``); ``grad_scaler.py`` state loading; TE/apex kernels and fused
+  ``.cuda()``); CUDA graphs; ``utils.py:check_param_hashes_across_dp_replicas`` and the
+  optimizer CPU-offload reload (``.cuda()``); the distributed optimizer's legacy and
+  ``dp_reshardable`` checkpoint formats (``save_parameter_state``); the precision-aware
+  optimizer; TE/apex kernels and fused
   paths that need CUDA (``moe_permute_fusion``, ``gradient_accumulation_fusion``);
   ``enable_autocast`` (``schedules.py`` uses ``torch.autocast("cuda")``).
 
@@ -136,6 +146,8 @@ release is skipped and reported by ``patched_sites(include_skipped=True)``):
 * ``optimizer/optimizer.py``: ``MixedPrecisionOptimizer.__init__`` and
   ``FP32Optimizer.__init__`` (``torch.tensor(..., device='cuda')``: ``found_inf``, ``_scale``,
   ``_dummy_overflow_buf``), ``ChainedOptimizer.get_loss_scale``.
+* ``optimizer/distrib_optimizer.py``: ``DistributedOptimizer.load_state_dict`` (dummy state
+  shards on ``current_device``), ``get_parameter_state_dp_zero`` receive buffers.
 * ``optimizer/clip_grads.py``: ``get_grad_norm_fp32``, ``count_zeros_fp32`` (``device='cuda'``).
 * ``optimizer/grad_scaler.py``: ``ConstantGradScaler`` / ``DynamicGradScaler`` scale tensors.
 * ``rerun_state_machine.py``: ``RerunStateMachine._reduce_any`` (``device='cuda'``),
@@ -159,6 +171,17 @@ Function / method replacements:
   and PP>1; on a CPU-only build ``Tensor.cuda`` can only raise).
 * ``tensor_parallel/data.py:broadcast_data`` (rebound wherever imported) -> runs with
   ``Tensor.cuda`` as identity (upstream flattens ``data[key].cuda()``).
+* ``optimizer/optimizer.py:Float16OptimizerWithFloat16Params.__init__`` and
+  ``optimizer/distrib_optimizer.py:DistributedOptimizer.__init__`` -> run with ``Tensor.type()``
+  naming CPU fp32 / bf16 / fp16 tensors by their CUDA type (``"torch.cuda.BFloat16Tensor"``):
+  upstream sorts parameters by that string (an fp32 main copy for each 16-bit one, fp32 ones
+  used as they are) and raises ``TypeError`` for any other, i.e. for every CPU parameter.
+  ``Tensor.type(dtype)`` conversions are untouched; the swap lasts for the constructor call.
+* ``optimizer/distrib_optimizer.py:DistributedOptimizer.get_parameter_state_dp_zero`` -> runs
+  with ``Tensor.cuda`` as identity (the fully reshardable checkpoint format moves each state
+  shard to the GPU before the all-gather that collects it).
+* ``optimizer/grad_scaler.py:DynamicGradScaler.load_state_dict`` -> runs with ``Tensor.cuda``
+  as identity (upstream moves the restored fp16 loss scale with ``.cuda(current_device)``).
 * ``pipeline_parallel/p2p_communication.py:P2PCommunicator.__init__`` -> raises ``ValueError``
   when ``config.batch_p2p_comm`` is True and the pipeline group has >1 rank (see above).
 * Every function decorated with ``megatron.core.jit.jit_fuser`` (``torch.compile``) in an
@@ -181,7 +204,7 @@ Function / method replacements:
   ``pipeline_parallel/utils.py:ScheduleNode``, ``models/gpt/fine_grained_callables.py``) records
   tensors on its streams; torch has no CPU kernel for that and CPU work is synchronous.
 
-``Tensor.cuda`` identity: the swap is process-wide but only for the duration of the two wrapped
+``Tensor.cuda`` identity: the swap is process-wide but only for the duration of the four wrapped
 calls; on a CPU-only torch build ``Tensor.cuda`` can only raise, so nothing else changes.
 
 The non-CPU-specific upstream defects (``te_general_gemm`` NameError, tensor split sizes to
@@ -483,6 +506,7 @@ PROXIED_MODULES: Tuple[Tuple[str, str], ...] = (
     ("distributed.distributed_data_parallel", "communication stream, synchronize/empty_cache"),
     ("distributed.param_and_grad_buffer", "DDP param/grad buffers on current_device, streams"),
     ("optimizer.optimizer", "found_inf/_scale/_dummy_overflow_buf device='cuda'"),
+    ("optimizer.distrib_optimizer", "state-dict gather / dummy shards on current_device"),
     ("optimizer.clip_grads", "grad-norm / count-zeros buffers device='cuda'"),
     ("optimizer.grad_scaler", "loss-scale tensors device='cuda'"),
     ("rerun_state_machine", "device='cuda' reductions, torch.cuda rng state"),
@@ -599,14 +623,67 @@ def _tensor_cuda_is_identity():
         torch.Tensor.cuda = original
 
 
-def _with_tensor_cuda_identity(original: Callable) -> Callable:
-    @functools.wraps(original)
-    def wrapper(*args, **kwargs):
-        with _tensor_cuda_is_identity():
-            return original(*args, **kwargs)
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+}
 
-    wrapper.__wrapped_original__ = original
-    return wrapper
+
+@contextlib.contextmanager
+def _tensor_type_names_cuda():
+    """Within the block ``Tensor.type()`` (no argument) names a CPU fp32/fp16/bf16 tensor by
+    its CUDA type, ``"torch.cuda.BFloat16Tensor"`` for a CPU bf16 tensor. Megatron-Core's
+    mixed-precision and distributed optimizers sort parameters by that string (fp32 main copy
+    for 16-bit ones) and reject any other; the sort is the same on CPU. ``type(dtype)``
+    conversions are untouched."""
+    original = torch.Tensor.type
+
+    def _type(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            name = _CUDA_TYPE_NAMES.get(self.dtype)
+            if name is not None:
+                return name
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = _type
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _wrap_method(module_name: str, class_name: str, method: str, make: Callable, site: str,
+                 description: str) -> None:
+    """Replace ``megatron.core.<module_name>.<class_name>.<method>`` by ``make(original)``."""
+    module = _import(module_name)
+    cls = getattr(module, class_name, None) if module is not None else None
+    original = cls.__dict__.get(method) if cls is not None else None
+    if original is None:
+        _SKIPPED.append((site, "absent"))
+        return
+    setattr(cls, method, make(original))
+    _SITES.append((site, description))
+
+
+def _running_within(context: Callable) -> Callable[[Callable], Callable]:
+    """`make(original)`: a wrapper that runs `original` inside `context()` (the original kept
+    as ``__wrapped_original__``, which the tests call to show the defect)."""
+
+    def make(original: Callable) -> Callable:
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            with context():
+                return original(*args, **kwargs)
+
+        wrapper.__wrapped_original__ = original
+        return wrapper
+
+    return make
+
+
+_with_tensor_cuda_identity = _running_within(_tensor_cuda_is_identity)
+_with_cuda_type_names = _running_within(_tensor_type_names_cuda)
 
 
 BATCH_P2P_MESSAGE = (
@@ -767,6 +844,32 @@ def enable_cpu_backend() -> bool:
             "megatron/core/optimizer/clip_grads.py:clip_grad_by_total_norm_fp32 "
             "(+ rebound in optimizer/optimizer.py)",
             "accepts CPU fp32 grads (upstream asserts type 'torch.cuda.FloatTensor')",
+        )
+
+        for module_name, class_name in (("optimizer.optimizer", "Float16OptimizerWithFloat16Params"),
+                                        ("optimizer.distrib_optimizer", "DistributedOptimizer")):
+            _wrap_method(
+                module_name, class_name, "__init__", _with_cuda_type_names,
+                f"megatron/core/{module_name.replace('.', '/')}.py:{class_name}.__init__",
+                "Tensor.type() names CPU fp32/bf16/fp16 tensors by their CUDA type during the "
+                "call (upstream sorts parameters by 'torch.cuda.*Tensor' and rejects others)",
+            )
+
+        _wrap_method(
+            "optimizer.distrib_optimizer", "DistributedOptimizer", "get_parameter_state_dp_zero",
+            _with_tensor_cuda_identity,
+            "megatron/core/optimizer/distrib_optimizer.py:"
+            "DistributedOptimizer.get_parameter_state_dp_zero",
+            "Tensor.cuda is identity during the call (the fully reshardable checkpoint format "
+            "moves each state shard to the GPU before its all-gather)",
+        )
+
+        _wrap_method(
+            "optimizer.grad_scaler", "DynamicGradScaler", "load_state_dict",
+            _with_tensor_cuda_identity,
+            "megatron/core/optimizer/grad_scaler.py:DynamicGradScaler.load_state_dict",
+            "Tensor.cuda is identity during the call (the restored fp16 loss scale is moved "
+            "with .cuda(current_device))",
         )
 
         lm_mod = _import("models.common.language_module.language_module")

@@ -8,7 +8,8 @@ Status on 0.19 (CI runs the suite against megatron-core 0.19.2, see .ci/run): pa
 1 is skipped there (``te_general_gemm`` is bound in every branch); patch 2 is still needed
 (``maybe_move_tensor_to_cpu`` still converts CUDA tensors only) and its wrapper passes through
 the ``use_nccl_stream`` argument that 0.19 added to ``_AllToAll.forward``; patch 3 is needed on
-both.
+both; patches 6, 8 and 9 on 0.16.1, 0.19.2 and 0.20.0, patch 7 on 0.16.1 and 0.19.2 (0.20.0,
+Megatron-LM main, has the fix: the patch detects it and stands down).
 
 1. ``megatron/core/transformer/moe/moe_utils.py`` (megatron-core 0.16.1):
    ``RouterGatingLinearFunction.forward/backward`` test ``te_general_gemm is not None``, but
@@ -54,6 +55,46 @@ both.
    projection (``Attention._backward_output_proj``, ``MLP.backward_dw``), so the TE-free path
    fails with ``AttributeError: 'RowParallelLinear' object has no attribute 'backward_dw'``.
    Fix: the same no-op (the local layers compute their weight gradient in backward already).
+
+6. ``megatron/core/optimizer/distrib_optimizer.py:DistributedOptimizer.state_dict``
+   (megatron-core 0.16.1, 0.19.2, 0.20.0) without apex or Transformer Engine (torch's Adam):
+   the Adam step is read from the inner optimizer's per-parameter state and ``assert
+   len(steps) == 1``; a distributed optimizer that has not stepped yet has no state, so
+   building the state dict to *load* a checkpoint into (``sharded_state_dict(...,
+   is_loading=True)``, which Megatron-LM's and our resume call) raises ``AssertionError``:
+   no distributed-optimizer checkpoint can be resumed on the TE-free path. Fix: while the inner
+   optimizer has no state, the original sees one entry with step 0 (the true step count); the
+   entry is dropped from the result with the rest of the parameter state.
+
+7. ``megatron/core/optimizer/distrib_optimizer.py:
+   DistributedOptimizer.sharded_param_state_fully_reshardable`` (megatron-core 0.16.1, 0.19.2;
+   fixed in 0.20.0, whose source this patch checks): ``get_parameter_state_dp_zero`` returns each buffer's state with the buckets
+   packed end to end (padding at the end of each bucket removed), but the parameters are then
+   cut out of it at their offsets in the padded buffer (``param_index_map``). With the
+   distributed optimizer every bucket but the last is padded, so with more than one bucket
+   (``--overlap-grad-reduce``) every parameter after the first bucket is saved with another
+   parameter's fp32 weights and Adam moments, and the last one is zero-filled (upstream logs
+   "param range exceeds unpadded buffer ... can lead to data corruption"): a resumed run
+   continues from wrong master weights. Fix: during the call, that gathered state is laid out
+   at the buffer's offsets (each bucket at its ``offset``), which is what the slicing expects;
+   the load side (``load_parameter_state_from_fully_reshardable``) already uses local ranges.
+
+8. ``megatron/core/optimizer/distrib_optimizer.py:
+   DistributedOptimizer._set_main_param_and_optimizer_states`` (megatron-core 0.16.1, 0.19.2,
+   0.20.0) without apex or Transformer Engine: it copies every entry of the parameter's torch
+   Adam state from the loaded tensors, including ``step``, which ``load_state_dict`` has just
+   set from the checkpoint's param groups and the fully reshardable format does not carry per
+   parameter: ``KeyError: 'step'`` on every resume. Fix: the loaded tensors are completed with
+   the state's own ``step`` (copied onto itself, unchanged).
+
+9. ``megatron/core/optimizer/distrib_optimizer.py:DistributedOptimizer.load_state_dict``
+   (megatron-core 0.16.1, 0.19.2, 0.20.0) without apex or Transformer Engine: every
+   parameter's Adam state gets the *same* ``step`` tensor (``s["step"] = step`` in a loop) and
+   torch's ``Optimizer.load_state_dict`` keeps it shared; torch Adam then increments it once per
+   parameter each step, so after a resume the bias correction uses a step count in the
+   hundreds: the first resumed update is too large and the run no longer matches the one that
+   was not interrupted (measured: losses differ from the second resumed step on). Fix: after
+   the original, each parameter's state gets its own copy of the step.
 """
 
 from __future__ import annotations
@@ -246,6 +287,190 @@ def _patch_row_parallel_backward_dw() -> None:
     _SITES.append((site, "no-op backward_dw (as ColumnParallelLinear) for delay_wgrad_compute"))
 
 
+def _wrap_method(site: str, module: str, cls_name: str, method: str, make_wrapper,
+                 description: str) -> None:
+    """Replace the method ``module.cls_name.method`` by ``make_wrapper(original)`` (skipped and
+    reported when the site is missing; a no-op when already wrapped)."""
+    modules = _import_or_skip(site, module)
+    if modules is None:
+        return
+    cls = getattr(modules[0], cls_name, None)
+    original = cls.__dict__.get(method) if cls is not None else None
+    if original is None:
+        _SKIPPED.append((site, f"{cls_name}.{method} absent"))
+        return
+    if getattr(original, "__megatron_dots_patched__", False):
+        return
+    wrapper = functools.wraps(original)(make_wrapper(original))
+    wrapper.__megatron_dots_patched__ = True
+    wrapper.__wrapped_original__ = original
+    setattr(cls, method, wrapper)
+    _SITES.append((site, description))
+
+
+class _StepZeroView:
+    """The inner torch optimizer as the distributed optimizer's ``state_dict`` reads it: one
+    state entry with step 0 while it has none (see patch 6)."""
+
+    def __init__(self, optimizer):
+        self._optimizer = optimizer
+
+    def state_dict(self):
+        import torch
+
+        inner = self._optimizer.state_dict()
+        inner["state"] = {0: {"step": torch.tensor(0.0)}}
+        return inner
+
+    def __getattr__(self, name):
+        return getattr(self._optimizer, name)
+
+
+def _patch_distopt_state_dict_before_first_step() -> None:
+    """distrib_optimizer.py (0.16.1-0.20.0, torch optimizers): state_dict asserts a step."""
+    site = "megatron/core/optimizer/distrib_optimizer.py:DistributedOptimizer.state_dict"
+    modules = _import_or_skip(site, "megatron.core.optimizer.distrib_optimizer")
+    if modules is None:
+        return
+    if getattr(modules[0], "HAVE_APEX_OR_TE", True):
+        _SKIPPED.append((site, "apex / Transformer Engine optimizer in use (step kept per group)"))
+        return
+
+    def make_wrapper(original):
+        def state_dict(self, *args, **kwargs):
+            inner = self.optimizer
+            if len(inner.state) > 0 or not hasattr(inner, "state_dict"):
+                return original(self, *args, **kwargs)
+            self.optimizer = _StepZeroView(inner)
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                self.optimizer = inner
+
+        return state_dict
+
+    _wrap_method(site, "megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer",
+                 "state_dict", make_wrapper,
+                 "an optimizer that has not stepped reports step 0 instead of failing "
+                 "`assert len(steps) == 1` (loading a checkpoint without apex / TE)")
+
+
+def buffer_ordered_state(optimizer, state):
+    """``get_parameter_state_dp_zero``'s result with each bucket placed at its offset in the
+    padded buffer, the coordinates of ``param_index_map`` (patch 7)."""
+    import torch
+
+    for gbuf_idx, by_dtype in state.items():
+        if not isinstance(gbuf_idx, int):
+            continue  # "buckets_coalesced"
+        buffer = optimizer.buffers[gbuf_idx]
+        for world in by_dtype.values():
+            for key, packed in list(world.items()):
+                if not torch.is_tensor(packed):
+                    continue  # "numel_unpadded"
+                laid_out = packed.new_zeros(buffer.numel)
+                start = 0
+                for bucket in buffer.buckets:
+                    n = bucket.numel_unpadded
+                    laid_out[bucket.offset:bucket.offset + n] = packed[start:start + n]
+                    start += n
+                world[key] = laid_out
+    return state
+
+
+# Megatron-LM main (megatron-core 0.20.0) subtracts the stripped bucket padding itself.
+_BUCKET_OFFSETS_FIX = "padding_stripped"
+
+
+def _patch_fully_reshardable_bucket_offsets() -> None:
+    """distrib_optimizer.py (0.16.1-0.20.0): fully reshardable save slices packed buckets at
+    padded offsets."""
+
+    def make_wrapper(original):
+        def sharded_param_state_fully_reshardable(self, *args, **kwargs):
+            gather = self.get_parameter_state_dp_zero
+
+            def gather_in_buffer_order(*g_args, **g_kwargs):
+                state = gather(*g_args, **g_kwargs)
+                return None if state is None else buffer_ordered_state(self, state)
+
+            self.get_parameter_state_dp_zero = gather_in_buffer_order
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                del self.get_parameter_state_dp_zero
+
+        return sharded_param_state_fully_reshardable
+
+    site = ("megatron/core/optimizer/distrib_optimizer.py:"
+            "DistributedOptimizer.sharded_param_state_fully_reshardable")
+    modules = _import_or_skip(site, "megatron.core.optimizer.distrib_optimizer")
+    method = getattr(getattr(modules[0], "DistributedOptimizer", None),
+                     "sharded_param_state_fully_reshardable", None) if modules else None
+    try:
+        fixed = method is not None and _BUCKET_OFFSETS_FIX in inspect.getsource(method)
+    except (OSError, TypeError):
+        fixed = False
+    if fixed:
+        _SKIPPED.append((site, "fixed upstream (offsets adjusted for stripped bucket padding)"))
+        return
+    _wrap_method(
+        site, "megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer",
+        "sharded_param_state_fully_reshardable", make_wrapper,
+        "the gathered optimizer state is laid out at the padded buffer's bucket offsets before "
+        "parameters are sliced from it (saved state belonged to other parameters after the "
+        "first bucket)")
+
+
+def _patch_distopt_set_states_step() -> None:
+    """distrib_optimizer.py (0.16.1-0.20.0, torch optimizers): set states needs a 'step'."""
+
+    def make_wrapper(original):
+        def _set_main_param_and_optimizer_states(self, model_param, tensors):
+            if "step" not in tensors and not self.config.use_precision_aware_optimizer:
+                group_index, group_order = self.model_param_group_index_map[model_param]
+                main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+                step = self.optimizer.state.get(main_param, {}).get("step")
+                if step is not None:
+                    tensors = {**tensors, "step": step}
+            return original(self, model_param, tensors)
+
+        return _set_main_param_and_optimizer_states
+
+    _wrap_method(
+        "megatron/core/optimizer/distrib_optimizer.py:"
+        "DistributedOptimizer._set_main_param_and_optimizer_states",
+        "megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer",
+        "_set_main_param_and_optimizer_states", make_wrapper,
+        "loaded states without a per-parameter 'step' keep the step load_state_dict set "
+        "(torch Adam; KeyError: 'step' otherwise)")
+
+
+def _patch_distopt_shared_step() -> None:
+    """distrib_optimizer.py (0.16.1-0.20.0, torch optimizers): one step tensor for all."""
+
+    def make_wrapper(original):
+        def load_state_dict(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            seen = set()
+            for state in self.optimizer.state.values():
+                step = state.get("step") if isinstance(state, dict) else None
+                if step is None or not hasattr(step, "clone"):
+                    continue
+                if id(step) in seen:
+                    state["step"] = step.clone()
+                seen.add(id(step))
+            return result
+
+        return load_state_dict
+
+    _wrap_method(
+        "megatron/core/optimizer/distrib_optimizer.py:DistributedOptimizer.load_state_dict",
+        "megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer", "load_state_dict",
+        make_wrapper, "each parameter's torch Adam state gets its own step tensor (a shared one "
+        "is incremented once per parameter per step)")
+
+
 def apply_runtime_patches() -> List[Tuple[str, str]]:
     """Apply all runtime patches once; returns :func:`applied_patches`."""
     global _APPLIED
@@ -256,5 +481,9 @@ def apply_runtime_patches() -> List[Tuple[str, str]]:
             _patch_aux_loss_scale_shape()
             _patch_combined_1f1b_chunk0_postprocess()
             _patch_row_parallel_backward_dw()
+            _patch_distopt_state_dict_before_first_step()
+            _patch_fully_reshardable_bucket_offsets()
+            _patch_distopt_set_states_step()
+            _patch_distopt_shared_step()
             _APPLIED = True
     return applied_patches()

@@ -13,6 +13,7 @@ from typing import List, Optional
 
 from ..config import PRESETS, DotsConfig, DotsConfigError
 from .batch_stages import BatchStageError, fixed_batch, parse_batch_stages
+from .precision import add_precision_args, check_precision_args
 
 
 class ArgumentError(ValueError):
@@ -133,8 +134,6 @@ def build_parser(prog: str = "megatron-dots pretrain") -> argparse.ArgumentParse
                      "linear layers compute them in backward as usual)")
     par.add_argument("--sequence-parallel", action="store_true",
                      help="sequence parallelism (needs --tensor-model-parallel-size > 1)")
-    par.add_argument("--use-distributed-optimizer", action="store_true",
-                     help="shard optimizer state over data-parallel ranks (GPU only)")
     par.add_argument("--distributed-backend", default=None, choices=("nccl", "gloo"),
                      help="torch.distributed backend (default: nccl on GPU, gloo on CPU)")
 
@@ -147,7 +146,6 @@ def build_parser(prog: str = "megatron-dots pretrain") -> argparse.ArgumentParse
     train.add_argument("--seq-length", type=int, required=True, help="tokens per sample")
     train.add_argument("--train-iters", type=int, required=True, help="optimizer steps to train")
     train.add_argument("--seed", type=int, default=1234, help="random seed (default 1234)")
-    train.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
     train.add_argument("--optimizer", default="adam", choices=("adam", "sgd"),
                        help="optimizer (default adam, i.e. AdamW)")
     train.add_argument("--lr", type=float, required=True, help="peak learning rate")
@@ -170,6 +168,8 @@ def build_parser(prog: str = "megatron-dots pretrain") -> argparse.ArgumentParse
     train.add_argument("--adam-beta2", type=float, default=0.95, help="Adam beta2 (0.95)")
     train.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon (1e-8)")
     train.add_argument("--clip-grad", type=float, default=1.0, help="gradient clipping norm")
+
+    add_precision_args(parser)
 
     data = parser.add_argument_group("data")
     data.add_argument("--data-path", nargs="*", default=None,
@@ -339,6 +339,7 @@ def validate_args(args, world_size: int) -> None:
     except DotsConfigError as err:
         raise ArgumentError(str(err)) from None
     _check_recompute_args(args)
+    check_precision_args(args, ArgumentError)
     _check_a2a_overlap_args(args, ep, pp, vpp)
     if args.sequence_parallel and tp == 1:
         raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1")
@@ -441,12 +442,6 @@ def validate_args(args, world_size: int) -> None:
         raise ArgumentError("--save-interval needs --save DIR")
     if args.exit_signal_handler and args.save is None:
         raise ArgumentError("--exit-signal-handler needs --save DIR to save to")
-    if args.bf16 and not _cuda_available():
-        raise ArgumentError("--bf16 needs a GPU: Megatron-Core's optimizers reject bf16 "
-                            "parameters on CPU; train in fp32 there (drop --bf16)")
-    if args.use_distributed_optimizer and not _cuda_available():
-        raise ArgumentError("--use-distributed-optimizer needs a GPU (Megatron-Core's "
-                            "DistributedOptimizer rejects CPU parameters)")
 
     args.dots_config = cfg
     args.data_parallel_size = dp
@@ -486,8 +481,3 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
 
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

@@ -5,7 +5,9 @@ atomic: all ranks write into ``ROOT/.iter_N.partial``; rank 0 renames it to ``RO
 and then rewrites the tracker file, so a crash mid-save leaves the previous checkpoint and the
 tracker untouched. Entries, as in Megatron-LM: ``model`` (one chunk) or ``model0``,
 ``model1`` ... (virtual pipeline chunks); ``optimizer`` (Megatron-Core's sharded optimizer
-state, reshardable); ``opt_param_scheduler``; ``rng_state`` (one object per rank, restored
+state, the distributed optimizer's in the fully reshardable format: it reshards to any
+data-parallel or expert-parallel size and loads into the plain optimizer and back, see
+``optimizer_checkpoint``); ``opt_param_scheduler``; ``rng_state`` (one object per rank, restored
 when the layout is unchanged). Model-only checkpoints (converted, or saved without an
 optimizer) load with ``optimizer=None``.
 """
@@ -30,6 +32,7 @@ from .checkpoint_format import (
     iteration_dir,
     resolve_checkpoint_dir,
 )
+from .optimizer_checkpoint import OptimizerLoadPlan
 
 
 def _model_keys(num_chunks: int):
@@ -153,17 +156,20 @@ def load_checkpoint(
         raise CheckpointError(directory, "holds model weights only (no optimizer state); load "
                               "it with --finetune or --no-load-optim")
     state = _model_entries(chunks)
+    plan = None
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
-                                                          metadata=_OPTIMIZER_METADATA)
+        plan = OptimizerLoadPlan(optimizer, state, common.get("optimizer"), _OPTIMIZER_METADATA)
+        state["optimizer"] = plan.request
         same_layout = dots.get("parallel") == parallel_layout(len(chunks))
         if load_rng and same_layout:
             state["rng_state"] = _rng_entry()
     loaded = dist_checkpointing.load(state, directory)
     for key, chunk in zip(_model_keys(len(chunks)), chunks):
         unwrap_model(chunk).load_state_dict(loaded.pop(key))
-    if optimizer is not None:
-        optimizer.load_state_dict(loaded.pop("optimizer"))
+    if plan is not None:
+        optimizer.load_state_dict(plan.finish(loaded.pop("optimizer")))
+        if plan.translated:
+            loaded["optimizer_translation"] = plan.describe()
     if scheduler is not None and "opt_param_scheduler" in loaded:
         scheduler.load_state_dict(loaded.pop("opt_param_scheduler"))
     if "rng_state" in loaded:

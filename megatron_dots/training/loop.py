@@ -21,6 +21,7 @@ from .arguments import ArgumentError
 from .batch_stages import global_batch_size
 from .checkpoint_format import iteration_dir
 from .optimizer import samples_after
+from .precision import logged_loss_scale, precision_name, resume_precision_problem
 from .reporting import Reporter, log
 
 
@@ -102,7 +103,8 @@ def setup_model_parallel(args) -> None:
 
 def transformer_config(args):
     """The Megatron-Core TransformerConfig of the flags' model and layout."""
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    from .precision import transformer_precision
+
     cuda = torch.cuda.is_available()
     config = args.dots_config.to_transformer_config(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
@@ -110,9 +112,7 @@ def transformer_config(args):
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
         sequence_parallel=args.sequence_parallel,
-        bf16=args.bf16,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
+        **transformer_precision(args),
         # gloo: batched isend/irecv corrupts activations under PP (see DESIGN.md).
         batch_p2p_comm=cuda,
     )
@@ -124,24 +124,20 @@ def transformer_config(args):
 
 
 def build_model(args, config):
-    """This rank's model chunks wrapped in Megatron-Core DDP (bf16 via Float16Module)."""
+    """This rank's model chunks wrapped in Megatron-Core DDP (bf16 / fp16 via Float16Module)."""
     from ..model import build_dots_model_chunks
+    from .precision import ddp_config
     from .step import wrap_with_ddp
 
     chunks = build_dots_model_chunks(args.dots_config, config, backend=args.dots_expert_backend)
     device = _device()
     for chunk in chunks:
         chunk.to(device)
-    if args.bf16:
+    if args.bf16 or args.fp16:
         from megatron.core.transformer.module import Float16Module
 
         chunks = [Float16Module(config, chunk) for chunk in chunks]
-    from megatron.core.distributed import DistributedDataParallelConfig
-
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-        use_distributed_optimizer=args.use_distributed_optimizer)
-    return wrap_with_ddp(chunks, config, ddp_config)
+    return wrap_with_ddp(chunks, config, ddp_config(args))
 
 
 def build_recompute(args, config, chunks):
@@ -200,13 +196,24 @@ def _resume(args, chunks, optimizer, scheduler) -> TrainState:
                             f"flags' in {'; '.join(diffs)}")
     weights_only = (args.finetune or os.path.basename(os.path.normpath(directory)) == RELEASE
                     or not dots.get("training_state", False))
+    with_optimizer = not (weights_only or args.no_load_optim)
+    if with_optimizer:
+        problem = resume_precision_problem(args, dots.get("precision"))
+        if problem:
+            raise ArgumentError(f"--load {args.load}: {problem}")
     common = load_checkpoint(
         chunks, directory,
-        optimizer=None if weights_only or args.no_load_optim else optimizer,
-        scheduler=None if weights_only or args.no_load_optim else scheduler,
+        optimizer=optimizer if with_optimizer else None,
+        scheduler=scheduler if with_optimizer else None,
         load_rng=not args.no_load_rng,
     )
+    if not with_optimizer:
+        # The optimizer's fp32 main weights (bf16 / fp16 runs, the distributed optimizer's
+        # shards) were copied from the initial weights: take the loaded ones instead.
+        optimizer.reload_model_params()
     dots = common.get("dots", dots)
+    if "optimizer_translation" in common:
+        log(f" {common['optimizer_translation']}")
     if weights_only:
         log(f" loaded weights from {directory}; starting at iteration 0"
             + ("" if args.finetune else " (the checkpoint has no optimizer state)"))
@@ -233,6 +240,7 @@ def _save(args, chunks, optimizer, scheduler, state: TrainState, result: TrainRe
         scheduler=scheduler, consumed_samples=state.consumed_samples,
         consumed_tokens=state.consumed_samples * args.seq_length,
         skipped_iters=state.skipped_iters, nan_iters=state.nan_iters,
+        precision=precision_name(args),
     )
     result.saved.append(path)
     log(f" saved checkpoint {path} in {time.time() - start:.1f} s")
@@ -262,6 +270,7 @@ def pretrain(args) -> TrainResult:
     """Run the training the validated flags describe (see the module docstring)."""
     from megatron.core import parallel_state
 
+    from .comm_overlap import DataParallelOverlap
     from .data import build_datasets, dataset_tokenizer, micro_batches
     from .optimizer import build_optimizer, build_scheduler
     from .step import train_step
@@ -280,6 +289,7 @@ def pretrain(args) -> TrainResult:
         optimizer = build_optimizer(args, chunks)
         scheduler = build_scheduler(args, optimizer)
         state = _resume(args, chunks, optimizer, scheduler)
+        overlap = DataParallelOverlap(args, chunks, optimizer)
         recompute = build_recompute(args, config, chunks)
 
         dp_rank = parallel_state.get_data_parallel_rank()
@@ -316,32 +326,37 @@ def pretrain(args) -> TrainResult:
                                         state.consumed_samples * args.seq_length)
                 batches = micro_batches(train, state.consumed_samples, gbs,
                                         args.micro_batch_size, dp_rank, dp_size, _device())
-                loss, grad_norm = train_step(chunks, optimizer, batches, args.seq_length,
-                                             args.micro_batch_size, recompute=recompute)
+                loss, grad_norm, updated = train_step(
+                    chunks, optimizer, batches, args.seq_length, args.micro_batch_size,
+                    recompute=recompute)
+                overlap.after_step(updated)
                 state.iteration += 1
                 state.consumed_samples += gbs
-                if grad_norm is None:
+                if not updated:
                     state.skipped_iters += 1
                 if loss != loss or (grad_norm is not None and grad_norm != grad_norm):
                     state.nan_iters += 1
                 scheduler.step(gbs)
                 result.losses.append((state.iteration, loss))
                 reporter.step(state, loss, optimizer.param_groups[0]["lr"], grad_norm, gbs,
-                              chunks, recompute)
+                              chunks, recompute, loss_scale=logged_loss_scale(args, optimizer))
 
                 stop = signals.any_rank() if args.exit_signal_handler else False
                 exit_now = bool(args.exit_interval and state.iteration % args.exit_interval == 0)
-                with reporter.paused():
-                    if (valid is not None and args.eval_iters
-                            and state.iteration % args.eval_interval == 0):
-                        valid_loss = _evaluate(args, chunks, valid, valid_round, dp_rank,
-                                               dp_size)
-                        valid_round += 1
-                        result.valid_losses.append((state.iteration, valid_loss))
-                        reporter.validation(state.iteration, valid_loss)
-                    if args.save and (stop or exit_now or (
-                            args.save_interval and state.iteration % args.save_interval == 0)):
-                        _save(args, chunks, optimizer, scheduler, state, result)
+                evaluate = bool(valid is not None and args.eval_iters
+                                and state.iteration % args.eval_interval == 0)
+                save = bool(args.save and (stop or exit_now or (
+                    args.save_interval and state.iteration % args.save_interval == 0)))
+                if evaluate or save:
+                    with reporter.paused(), overlap.parameters_in_sync():
+                        if evaluate:
+                            valid_loss = _evaluate(args, chunks, valid, valid_round, dp_rank,
+                                                   dp_size)
+                            valid_round += 1
+                            result.valid_losses.append((state.iteration, valid_loss))
+                            reporter.validation(state.iteration, valid_loss)
+                        if save:
+                            _save(args, chunks, optimizer, scheduler, state, result)
                 if stop or exit_now:
                     result.stopped_by_signal = stop
                     log(f" exiting at iteration {state.iteration} "
@@ -350,9 +365,11 @@ def pretrain(args) -> TrainResult:
             else:
                 saved_last = bool(result.saved) and result.saved[-1] == iteration_dir(
                     args.save or "", state.iteration)
+                overlap.close()
                 if args.save and result.losses and not saved_last:
                     _save(args, chunks, optimizer, scheduler, state, result)
         finally:
+            overlap.close()
             signals.restore()
             reporter.close()
         result.iteration = state.iteration

@@ -40,8 +40,9 @@ def memory_gib() -> Dict[str, float]:
 def log_line(iteration: int, train_iters: int, consumed_samples: int, elapsed_ms: float,
              tflops_per_gpu: float, tokens_per_s: float, lr: float, global_batch_size: int,
              loss: float, grad_norm: Optional[float], skipped: int, nan_iters: int,
-             memory: Dict[str, float]) -> str:
-    """One progress line in Megatron-LM's format (plus tokens/s and memory)."""
+             memory: Dict[str, float], loss_scale: Optional[float] = None) -> str:
+    """One progress line in Megatron-LM's format (plus tokens/s and memory); the loss scale
+    only for fp16 runs."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     parts = [
         f" [{stamp}] iteration {iteration:8d}/{train_iters:8d}",
@@ -52,6 +53,7 @@ def log_line(iteration: int, train_iters: int, consumed_samples: int, elapsed_ms
         f"learning rate: {lr:.6E}",
         f"global batch size: {global_batch_size:5d}",
         f"lm loss: {loss:.6E}",
+        *([f"loss scale: {loss_scale:.1f}"] if loss_scale is not None else []),
         f"grad norm: {grad_norm:.3f}" if grad_norm is not None else "grad norm: n/a",
         f"number of skipped iterations: {skipped:3d}",
         f"number of nan iterations: {nan_iters:3d}",

@@ -5,21 +5,20 @@ batch)`), so a global batch that grows with `--dots-batch-stages` keeps warmup, 
 anneal and the end of the decay at the iterations the flags name.
 """
 
-import torch
-
 from .batch_stages import total_samples
+from .precision import optimizer_precision
 
 
 def build_optimizer(args, chunks):
-    """Megatron-Core's optimizer (AdamW / SGD, grad clipping; distributed optimizer on request)."""
+    """Megatron-Core's optimizer (AdamW / SGD, grad clipping; fp32 main parameters for bf16 /
+    fp16, loss scaling for fp16; distributed optimizer on request)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     config = OptimizerConfig(
         optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr,
         weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
         adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
-        bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-        use_distributed_optimizer=args.use_distributed_optimizer,
+        **optimizer_precision(args),
     )
     return get_megatron_optimizer(config, list(chunks))
 

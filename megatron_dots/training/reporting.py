@@ -44,8 +44,9 @@ class Reporter:
     def _reset_window(self):
         self.window = {"time": time.time(), "tokens": 0, "iters": 0, "loss": 0.0}
 
-    def step(self, state, loss, lr, grad_norm, global_batch, chunks, recompute=None) -> None:
-        """After every optimizer step (all ranks)."""
+    def step(self, state, loss, lr, grad_norm, global_batch, chunks, recompute=None,
+             loss_scale=None) -> None:
+        """After every optimizer step (all ranks); `loss_scale` only with fp16."""
         args, iteration = self.args, state.iteration
         self.window["tokens"] += global_batch * args.seq_length
         self.window["iters"] += 1
@@ -59,11 +60,14 @@ class Reporter:
             self.writer.add_scalar("batch-size", global_batch, iteration)
             if grad_norm is not None:
                 self.writer.add_scalar("grad-norm", grad_norm, iteration)
+            if loss_scale is not None:
+                self.writer.add_scalar("loss-scale", loss_scale, iteration)
             self.writer.add_scalar("lm loss vs samples", loss, state.consumed_samples)
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
-            self._interval(state, lr, grad_norm, global_batch, chunks, recompute)
+            self._interval(state, lr, grad_norm, global_batch, chunks, recompute, loss_scale)
 
-    def _interval(self, state, lr, grad_norm, global_batch, chunks, recompute=None) -> None:
+    def _interval(self, state, lr, grad_norm, global_batch, chunks, recompute=None,
+                  loss_scale=None) -> None:
         from ..telemetry.expert_load import summarize
         from .router_load import gather_expert_load
 
@@ -79,7 +83,7 @@ class Reporter:
         log(log_line(iteration, self.args.train_iters, state.consumed_samples,
                      1000 * elapsed / window["iters"], tflops, tokens_per_s, lr, global_batch,
                      window["loss"] / window["iters"], grad_norm, state.skipped_iters,
-                     state.nan_iters, memory))
+                     state.nan_iters, memory, loss_scale))
         if self.writer:
             self.writer.add_scalar("throughput/tflops-per-gpu", tflops, iteration)
             self.writer.add_scalar("throughput/tokens-per-second", tokens_per_s, iteration)

@@ -9,7 +9,7 @@ and updates the router bias, then steps the optimizer.
 
 import dataclasses
 import functools
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -115,6 +115,15 @@ def forward_backward(
     return global_mean_loss(losses)
 
 
+class StepResult(NamedTuple):
+    """One optimizer step: global mean loss, gradient norm (None when not computed) and
+    whether the parameters were updated (False: an fp16 overflow skipped the step)."""
+
+    loss: float
+    grad_norm: Optional[float]
+    update_successful: bool
+
+
 def train_step(
     chunks: Sequence[DistributedDataParallel],
     optimizer,
@@ -122,14 +131,14 @@ def train_step(
     seq_length: int,
     micro_batch_size: int,
     recompute=None,
-) -> Tuple[float, Optional[float]]:
-    """`forward_backward` then an optimizer step: (global mean loss, grad norm or None)."""
+) -> StepResult:
+    """`forward_backward` then an optimizer step."""
     optimizer.zero_grad()
     loss = forward_backward(
         chunks, micro_batches, seq_length, micro_batch_size, recompute=recompute
     )
-    _, grad_norm, _ = optimizer.step()
-    return loss, grad_norm
+    update_successful, grad_norm, _ = optimizer.step()
+    return StepResult(loss, grad_norm, bool(update_successful))
 
 
 def global_mean_loss(losses) -> float:

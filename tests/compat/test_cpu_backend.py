@@ -180,3 +180,72 @@ def test_default_causal_mask_and_rope():
 
 def test_default_device():
     assert default_device() == torch.device("cpu")
+
+
+@pytest.mark.parametrize("bf16,distributed,cls", [
+    pytest.param(True, False, "Float16OptimizerWithFloat16Params", id="bf16"),
+    pytest.param(False, True, "DistributedOptimizer", id="fp32-distributed"),
+    pytest.param(True, True, "DistributedOptimizer", id="bf16-distributed"),
+])
+def test_mixed_precision_and_distributed_optimizers_take_cpu_parameters(
+        seeded, monkeypatch, bf16, distributed, cls):
+    """optimizer.py / distrib_optimizer.py sort parameters by 'torch.cuda.*Tensor' type names
+    and reject CPU ones; during their constructors the backend names CPU tensors by their CUDA
+    type, so they sort them the same way (fp32 main copies for the 16-bit ones)."""
+    from megatron.core.optimizer import distrib_optimizer, optimizer
+
+    from tiny_optimizer import one_step, tiny_chunks_and_optimizer
+
+    klass = getattr(distrib_optimizer if distributed else optimizer, cls)
+    chunks, built, _ = tiny_chunks_and_optimizer(bf16=bf16, distributed=distributed)
+    inner = built.chained_optimizers[0]
+    assert type(inner).__name__ == cls
+    main = [p for group in inner.optimizer.param_groups for p in group["params"]]
+    assert main and all(p.dtype == torch.float32 for p in main)  # fp32 main weights
+    assert {p.dtype for p in chunks[0].parameters()} == {torch.bfloat16 if bf16 else torch.float32}
+    result = one_step(chunks, built)
+    assert result.update_successful and result.grad_norm > 0
+    with monkeypatch.context() as patch:
+        patch.setattr(klass, "__init__", klass.__init__.__wrapped_original__)
+        with pytest.raises(TypeError, match="Wrapped parameters must be one of torch.cuda"):
+            tiny_chunks_and_optimizer(bf16=bf16, distributed=distributed)
+
+
+def test_distributed_optimizer_gathers_its_state_for_a_checkpoint_on_cpu(seeded, monkeypatch):
+    """distrib_optimizer.py:get_parameter_state_dp_zero (the fully reshardable checkpoint)
+    moves each shard to the GPU with .cuda() before the all-gather."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    from tiny_optimizer import one_step, tiny_chunks_and_optimizer
+
+    chunks, built, _ = tiny_chunks_and_optimizer(distributed=True)
+    one_step(chunks, built)
+    inner = built.chained_optimizers[0]
+    state = inner.get_parameter_state_dp_zero(use_gloo_comm=False, return_on_all_ranks=True)
+    (world,) = state[0].values()  # one (param dtype, grad dtype) per buffer
+    assert world["exp_avg"].abs().sum() > 0 and world["param"].numel() == world["numel_unpadded"]
+    monkeypatch.setattr(DistributedOptimizer, "get_parameter_state_dp_zero",
+                        DistributedOptimizer.get_parameter_state_dp_zero.__wrapped_original__)
+    with pytest.raises((AssertionError, RuntimeError), match="CUDA"):
+        inner.get_parameter_state_dp_zero(use_gloo_comm=False, return_on_all_ranks=True)
+
+
+def test_fp16_loss_scale_state_reloads_on_cpu(monkeypatch):
+    """grad_scaler.py:DynamicGradScaler.load_state_dict moves the scale with .cuda()."""
+    from megatron.core.optimizer.grad_scaler import DynamicGradScaler
+
+    def scaler():
+        return DynamicGradScaler(initial_scale=2.0 ** 16, min_scale=1.0, growth_factor=2.0,
+                                 backoff_factor=0.5, growth_interval=1000, hysteresis=2)
+
+    saved = scaler()
+    saved.update(found_inf=True)
+    saved.update(found_inf=True)  # hysteresis 2: the second overflow halves the scale
+    state = saved.state_dict()
+    restored = scaler()
+    restored.load_state_dict(state)
+    assert restored.scale.item() == 2.0 ** 15 and restored.state_dict() == state
+    monkeypatch.setattr(DynamicGradScaler, "load_state_dict",
+                        DynamicGradScaler.load_state_dict.__wrapped_original__)
+    with pytest.raises((AssertionError, RuntimeError), match="(?i)cuda"):
+        scaler().load_state_dict(state)
