@@ -872,22 +872,14 @@ def enable_cpu_backend() -> bool:
             "with .cuda(current_device))",
         )
 
-        lm_mod = _import("models.common.language_module.language_module")
-        lm_cls = getattr(lm_mod, "LanguageModule", None)
-        if lm_cls is not None and hasattr(lm_cls, "setup_embeddings_and_output_layer"):
-            lm_cls.setup_embeddings_and_output_layer = _with_tensor_cuda_identity(
-                lm_cls.setup_embeddings_and_output_layer
-            )
-            _SITES.append(
-                (
-                    "megatron/core/models/common/language_module/language_module.py:"
-                    "LanguageModule.setup_embeddings_and_output_layer",
-                    "Tensor.cuda is identity during the call (weight.data.cuda() before the "
-                    "tied-embedding all-reduce)",
-                )
-            )
-        else:
-            _SKIPPED.append(("LanguageModule.setup_embeddings_and_output_layer", "absent"))
+        _wrap_method(
+            "models.common.language_module.language_module", "LanguageModule",
+            "setup_embeddings_and_output_layer", _with_tensor_cuda_identity,
+            "megatron/core/models/common/language_module/language_module.py:"
+            "LanguageModule.setup_embeddings_and_output_layer",
+            "Tensor.cuda is identity during the call (weight.data.cuda() before the "
+            "tied-embedding all-reduce)",
+        )
 
         _wrap_function(
             "tensor_parallel.data",
@@ -904,18 +896,12 @@ def enable_cpu_backend() -> bool:
             "unequal output_split_sizes: pad, all_gather, trim (gloo needs equal sizes)",
         )
 
-        p2p_mod = _import("pipeline_parallel.p2p_communication")
-        p2p_cls = getattr(p2p_mod, "P2PCommunicator", None)
-        if p2p_cls is not None:
-            p2p_cls.__init__ = _make_p2p_init(p2p_cls.__init__)
-            _SITES.append(
-                (
-                    "megatron/core/pipeline_parallel/p2p_communication.py:P2PCommunicator.__init__",
-                    "raises ValueError for batch_p2p_comm=True with PP>1 (gloo corrupts it)",
-                )
-            )
-        else:
-            _SKIPPED.append(("pipeline_parallel/p2p_communication.py:P2PCommunicator", "absent"))
+        _wrap_method(
+            "pipeline_parallel.p2p_communication", "P2PCommunicator", "__init__",
+            _make_p2p_init,
+            "megatron/core/pipeline_parallel/p2p_communication.py:P2PCommunicator.__init__",
+            "raises ValueError for batch_p2p_comm=True with PP>1 (gloo corrupts it)",
+        )
 
         _install_cpu_record_stream()
 

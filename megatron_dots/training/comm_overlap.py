@@ -28,15 +28,17 @@ def _one_or_list(items):
 class DataParallelOverlap:
     """The training loop's side of DDP's overlapped gradient reduce and parameter gather."""
 
-    def __init__(self, args, chunks: Sequence, optimizer):
+    def __init__(self, chunks: Sequence, optimizer):
+        """`chunks`: the DDP-wrapped model chunks, whose DDP config says what overlaps."""
         self.chunks = list(chunks)
         self.config = get_model_config(self.chunks[0])
         # fp16: the schedule multiplies each micro-batch's loss by the current loss scale.
         self.config.grad_scale_func = optimizer.scale_loss
-        if args.overlap_grad_reduce:
+        if self.chunks[0].ddp_config.overlap_grad_reduce:
             self.config.no_sync_func = _one_or_list([c.no_sync for c in self.chunks])
             self.config.grad_sync_func = _one_or_list([c.start_grad_sync for c in self.chunks])
-        self.uses_hooks = bool(args.use_distributed_optimizer and args.overlap_param_gather)
+        # DDP's own decision (distributed optimizer with --overlap-param-gather).
+        self.uses_hooks = bool(self.chunks[0].use_forward_hook)
         self._param_sync_func = None
         if self.uses_hooks and self.chunks[0].ddp_config.align_param_gather:
             self._param_sync_func = _one_or_list([c.start_param_sync for c in self.chunks])

@@ -289,7 +289,7 @@ def pretrain(args) -> TrainResult:
         optimizer = build_optimizer(args, chunks)
         scheduler = build_scheduler(args, optimizer)
         state = _resume(args, chunks, optimizer, scheduler)
-        overlap = DataParallelOverlap(args, chunks, optimizer)
+        overlap = DataParallelOverlap(chunks, optimizer)
         recompute = build_recompute(args, config, chunks)
 
         dp_rank = parallel_state.get_data_parallel_rank()
