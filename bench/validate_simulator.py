@@ -93,28 +93,42 @@ def batches(args, vocab):
             for _ in range(args.micro_batches)]
 
 
-def timed_steps(args, chunks, data, forward_only=False):
+def timed_steps(args, chunks, data, forward_only=False, warmup=None, iters=None):
     from megatron_dots.training.step import forward_backward
 
+    warmup = args.warmup if warmup is None else warmup
+    iters = args.iters if iters is None else iters
     walls, cpus = [], []
-    for i in range(args.warmup + args.iters):
+    for i in range(warmup + iters):
         wall, cpu = time.perf_counter(), time.process_time()
         forward_backward(chunks, data, args.seq, args.micro_batch_size, forward_only=forward_only)
-        if i >= args.warmup:
+        if i >= warmup:
             walls.append((time.perf_counter() - wall) * 1e3)
             cpus.append((time.process_time() - cpu) * 1e3)
     return walls, cpus
 
 
 def calibrate(args) -> dict:
-    """Per-layer, per-micro-batch forward / backward ms of a one-process run."""
+    """Per-layer, per-micro-batch forward / backward ms of a one-process run.
+
+    Backward is the difference of a forward+backward and a forward-only step, so one noisy
+    sample (a busy machine) could make it negative: after one untimed warm-up step the two
+    kinds alternate for at least three rounds and the fastest of each is used, the sample
+    least disturbed by other load."""
+    from megatron_dots.training.step import forward_backward
+
     dc, chunks = build_chunks(args, 1, None)
     data = batches(args, dc.vocab_size)
-    fb, _ = timed_steps(args, chunks, data)
-    fwd, _ = timed_steps(args, chunks, data, forward_only=True)
+    forward_backward(chunks, data, args.seq, args.micro_batch_size)
+    fb, fwd = [], []
+    for _ in range(max(3, args.iters)):
+        fb += timed_steps(args, chunks, data, warmup=0, iters=1)[0]
+        fwd += timed_steps(args, chunks, data, forward_only=True, warmup=0, iters=1)[0]
     per = args.micro_batches * args.layers
-    forward = statistics.median(fwd) / per
-    backward = (statistics.median(fb) - statistics.median(fwd)) / per
+    forward, backward = min(fwd) / per, (min(fb) - min(fwd)) / per
+    if backward <= 0:
+        raise SystemExit(f"calibration: forward+backward ({min(fb):.1f} ms) was not slower than "
+                         f"forward only ({min(fwd):.1f} ms); the machine is too busy to measure")
     return {"forward_ms": forward, "backward_ms": backward,
             "one_process_step_ms": statistics.median(fb)}
 

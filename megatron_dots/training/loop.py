@@ -21,18 +21,9 @@ from .arguments import ArgumentError
 from .batch_stages import global_batch_size
 from .checkpoint_format import iteration_dir
 from .optimizer import samples_after
-from .precision import logged_loss_scale, precision_name, resume_precision_problem
+from .precision import logged_loss_scale, precision_name
 from .reporting import Reporter, log
-
-
-@dataclass
-class TrainState:
-    """Progress that a checkpoint carries across restarts."""
-
-    iteration: int = 0
-    consumed_samples: int = 0
-    skipped_iters: int = 0
-    nan_iters: int = 0
+from .resume import TrainState, resume
 
 
 @dataclass
@@ -171,66 +162,6 @@ def build_recompute(args, config, chunks):
                                margin=args.dots_recompute_margin)
 
 
-def _resume(args, chunks, optimizer, scheduler) -> TrainState:
-    """Load --load into the model (and optimizer/scheduler/RNG unless told not to)."""
-    from .checkpoint_format import RELEASE, TRACKER, read_tracker, resolve_checkpoint_dir
-    from .checkpointing import load_checkpoint
-
-    if args.load is None:
-        return TrainState()
-    if not os.path.exists(args.load) or (
-            os.path.isdir(args.load) and read_tracker(args.load) is None
-            and not os.path.isfile(os.path.join(args.load, "metadata.json"))):
-        log(f" no checkpoint in {args.load} (no {TRACKER}): starting from scratch")
-        return TrainState()
-    directory = resolve_checkpoint_dir(args.load)
-    from megatron.core import dist_checkpointing
-
-    dots = dist_checkpointing.load_common_state_dict(directory).get("dots", {})
-    saved = dots.get("config") or {}
-    ours = args.dots_config.architecture()
-    diffs = [f"{k} (checkpoint {saved[k]}, flags {ours[k]})" for k in ours
-             if k in saved and saved[k] != ours[k]]
-    if diffs:
-        raise ArgumentError(f"--load {args.load}: the checkpoint's model differs from the "
-                            f"flags' in {'; '.join(diffs)}")
-    weights_only = (args.finetune or os.path.basename(os.path.normpath(directory)) == RELEASE
-                    or not dots.get("training_state", False))
-    with_optimizer = not (weights_only or args.no_load_optim)
-    if with_optimizer:
-        problem = resume_precision_problem(args, dots.get("precision"))
-        if problem:
-            raise ArgumentError(f"--load {args.load}: {problem}")
-    common = load_checkpoint(
-        chunks, directory,
-        optimizer=optimizer if with_optimizer else None,
-        scheduler=scheduler if with_optimizer else None,
-        load_rng=not args.no_load_rng,
-    )
-    if not with_optimizer:
-        # The optimizer's fp32 main weights (bf16 / fp16 runs, the distributed optimizer's
-        # shards) were copied from the initial weights: take the loaded ones instead.
-        optimizer.reload_model_params()
-    dots = common.get("dots", dots)
-    if "optimizer_translation" in common:
-        log(f" {common['optimizer_translation']}")
-    if weights_only:
-        log(f" loaded weights from {directory}; starting at iteration 0"
-            + ("" if args.finetune else " (the checkpoint has no optimizer state)"))
-        return TrainState()
-    state = TrainState(
-        iteration=int(common.get("iteration", 0)),
-        consumed_samples=int(dots.get("consumed_samples", 0)),
-        skipped_iters=int(dots.get("skipped_iters", 0)),
-        nan_iters=int(dots.get("nan_iters", 0)),
-    )
-    if args.no_load_optim:
-        scheduler.step(state.consumed_samples)  # keep the schedule where the run was
-    log(f" resumed from {args.load} at iteration {state.iteration} "
-        f"({state.consumed_samples} samples consumed)")
-    return state
-
-
 def _save(args, chunks, optimizer, scheduler, state: TrainState, result: TrainResult) -> None:
     from .checkpointing import save_checkpoint
 
@@ -288,7 +219,7 @@ def pretrain(args) -> TrainResult:
         chunks = build_model(args, config)
         optimizer = build_optimizer(args, chunks)
         scheduler = build_scheduler(args, optimizer)
-        state = _resume(args, chunks, optimizer, scheduler)
+        state = resume(args, chunks, optimizer, scheduler)
         overlap = DataParallelOverlap(chunks, optimizer)
         recompute = build_recompute(args, config, chunks)
 
