@@ -80,7 +80,7 @@ def _convert(argv) -> int:
     args = parser.parse_args(argv)
 
     from .config import DotsConfigError
-    from .convert.errors import CheckpointError
+    from .storage.errors import CheckpointError
 
     try:
         if args.direction == "hf-to-mcore":
@@ -121,7 +121,7 @@ def _compare(argv) -> int:
     args = parser.parse_args(argv)
     from .config import DotsConfigError
     from .convert.compare import compare
-    from .convert.errors import CheckpointError
+    from .storage.errors import CheckpointError
 
     try:
         result = compare(args.ckpt, args.hf, args.batch, args.seq_length, args.seed)
@@ -160,6 +160,12 @@ def _simulate_schedule(argv) -> int:
     return main(argv)
 
 
+def _verify(argv) -> int:
+    from .storage.verify_cli import main
+
+    return main(argv)
+
+
 def _megatron_lm_args(argv) -> int:
     from .megatron_lm.native_flags import main
 
@@ -175,6 +181,8 @@ COMMANDS = {
     "info": (_info, "show a preset or HF config: shape and parameter counts"),
     "convert": (_convert, "hf-to-mcore / mcore-to-hf checkpoint conversion (streaming, CPU)"),
     "compare": (_compare, "logits of a Megatron checkpoint vs an HF model; exit 1 if they differ"),
+    "verify": (_verify, "is a checkpoint intact? sizes (or CRC-32s with --full) against its "
+               "manifest, and its structure"),
     "pretrain": (_pretrain, "train with Megatron-LM flags plus --dots-* (torchrun for many "
                  "processes)"),
     "preprocess": (_preprocess, "JSONL -> Megatron indexed dataset (.bin/.idx), multiprocess"),

@@ -18,6 +18,13 @@ import torch
 import torch.nn.functional as F
 
 
+# transformers' Dots1Attention gives o_proj a bias too when attention_bias is set.
+_ATTENTION_BIAS_UNSUPPORTED = (
+    "attention_bias=true in transformers' Dots1 also gives o_proj a bias, which Megatron-Core's "
+    "linear_proj holds only with add_bias_linear (a bias on every linear layer); dots.llm1 has "
+    "no attention bias")
+
+
 class DotsConfigError(ValueError):
     """A configuration that cannot describe a dots model; the message names the field."""
 
@@ -269,6 +276,8 @@ class DotsConfig:
     # ---------------------------------------------------------- Hugging Face side
     def to_hf_config(self) -> Dict[str, Any]:
         """The dots1 `config.json` dictionary (transformers' Dots1Config field names)."""
+        if self.attention_bias:
+            raise DotsConfigError(_ATTENTION_BIAS_UNSUPPORTED)
         return {
             "architectures": ["Dots1ForCausalLM"],
             "model_type": "dots1",
@@ -323,6 +332,11 @@ class DotsConfig:
             if key not in hf:
                 fail(key, "is missing")
 
+        for key, kinds, what in _HF_TYPES:
+            value = hf.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+                fail(key, f"is {value!r}; expected {what}")
+
         def check(key, ok, expected):
             if key in hf and hf[key] is not None and not ok(hf[key]):
                 fail(key, f"is {hf[key]!r}; only {expected} is supported")
@@ -337,6 +351,8 @@ class DotsConfig:
         check("scoring_func", lambda v: v in ("sigmoid", "noaux_tc"), "sigmoid / 'noaux_tc'")
         check("use_sliding_window", lambda v: v is False, "false")
         check("topk_method", lambda v: v == "noaux_tc", "'noaux_tc'")
+        check("attention_bias", lambda v: v is False,
+              f"false ({_ATTENTION_BIAS_UNSUPPORTED})")
         check("rope_scaling", lambda v: v.get("rope_type", v.get("type")) == "default",
               "null or {'rope_type': 'default'}")
         num_layers = hf["num_hidden_layers"]
@@ -377,13 +393,13 @@ class DotsConfig:
             moe_ffn_hidden_size=hf["moe_intermediate_size"],
             moe_router_topk=hf["num_experts_per_tok"],
             num_shared_experts=hf.get("n_shared_experts") or 0,
-            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+            routed_scaling_factor=float(_or(hf.get("routed_scaling_factor"), 1.0)),
             vocab_size=hf["vocab_size"],
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            max_position_embeddings=_or(hf.get("max_position_embeddings"), 2048),
             rotary_base=float(rope_theta),
-            norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+            norm_epsilon=float(_or(hf.get("rms_norm_eps"), 1e-6)),
             attention_bias=bool(hf.get("attention_bias", False)),
-            init_method_std=float(hf.get("initializer_range", 0.006)),
+            init_method_std=float(_or(hf.get("initializer_range"), 0.006)),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=_first_token_id(hf.get("eos_token_id")),
             pad_token_id=hf.get("pad_token_id"),
@@ -393,6 +409,11 @@ class DotsConfig:
             return cls(**fields)
         except DotsConfigError as err:
             raise DotsConfigError(f"{where}: {err}") from None
+
+
+def _or(value, default):
+    """`value`, or `default` where config.json has the key as null (or not at all)."""
+    return default if value is None else value
 
 
 def _first_token_id(value):
@@ -412,12 +433,32 @@ def _read_hf_config(source) -> Tuple[str, Dict[str, Any]]:
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
-    except json.JSONDecodeError as err:
+    except (UnicodeDecodeError, ValueError) as err:
         raise DotsConfigError(f"{path}: not valid JSON ({err})") from None
+    except OSError as err:
+        raise DotsConfigError(f"{path}: unreadable ({err.strerror or err})") from None
     if not isinstance(data, dict):
         raise DotsConfigError(f"{path}: expected a JSON object")
     return path, data
 
+
+_INT = "an integer"
+_NUMBER = "a number"
+# The JSON type of each HF key we read (null allowed where the key is optional).
+_HF_TYPES = tuple(
+    [(k, int, _INT) for k in (
+        "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+        "head_dim", "intermediate_size", "first_k_dense_replace", "n_routed_experts",
+        "moe_intermediate_size", "num_experts_per_tok", "n_shared_experts", "vocab_size",
+        "max_position_embeddings", "n_group", "topk_group", "moe_layer_freq",
+        "max_window_layers", "sliding_window", "bos_token_id", "pad_token_id")]
+    + [(k, (int, float), _NUMBER) for k in (
+        "routed_scaling_factor", "rope_theta", "rms_norm_eps", "initializer_range",
+        "attention_dropout")]
+    + [(k, dict, "an object") for k in ("rope_scaling", "rope_parameters")]
+    + [(k, list, "a list") for k in ("layer_types",)]
+    + [(k, str, "a string") for k in ("model_type", "hidden_act", "scoring_func", "topk_method")]
+    + [(k, (int, list), "an integer or a list of integers") for k in ("eos_token_id",)])
 
 # HF keys that become DotsConfig fields.
 _HF_MAPPED = {

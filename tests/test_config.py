@@ -141,6 +141,11 @@ def test_released_style_config_is_dots_llm1():
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
         ({"some_new_knob": 3}, "some_new_knob"),
         ({"num_attention_heads": 30}, "num_query_groups"),
+        ({"attention_bias": True}, "o_proj"),
+        ({"hidden_size": "4096"}, "hidden_size"),
+        ({"num_hidden_layers": True}, "num_hidden_layers"),
+        ({"rope_scaling": "yarn"}, "rope_scaling"),
+        ({"rms_norm_eps": [1e-5]}, "rms_norm_eps"),
     ],
 )
 def test_bad_hf_config_names_file_and_field(tmp_path, change, field):
@@ -151,6 +156,20 @@ def test_bad_hf_config_names_file_and_field(tmp_path, change, field):
     with pytest.raises(DotsConfigError) as err:
         DotsConfig.from_hf_config(tmp_path)
     assert str(path) in str(err.value) and field in str(err.value)
+
+
+def test_attention_bias_cannot_be_exported_to_hf():
+    # transformers' Dots1 would give o_proj a bias that no Megatron tensor holds.
+    with pytest.raises(DotsConfigError, match="o_proj"):
+        DotsConfig.preset("dots-tiny", attention_bias=True).to_hf_config()
+
+
+def test_null_optional_hf_fields_take_their_defaults():
+    data = released_style_config()
+    data.update(rms_norm_eps=None, routed_scaling_factor=None, initializer_range=None)
+    cfg = DotsConfig.from_hf_config(data)
+    assert (cfg.norm_epsilon, cfg.routed_scaling_factor, cfg.init_method_std) == (1e-6, 1.0,
+                                                                                   0.006)
 
 
 def test_missing_hf_field_and_file(tmp_path):

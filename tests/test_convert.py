@@ -14,11 +14,11 @@ from launch import TESTS, describe, python_snippet, torchrun
 from megatron_dots.config import DotsConfig, DotsConfigError
 from megatron_dots.convert import dist_layout
 from megatron_dots.convert.compare import compare
-from megatron_dots.convert.errors import CheckpointError
+from megatron_dots.storage.errors import CheckpointError
 from megatron_dots.convert.hf_reader import HFCheckpoint
 from megatron_dots.convert.hf_to_mcore import convert_hf_to_mcore
 from megatron_dots.convert.mcore_to_hf import convert_mcore_to_hf
-from megatron_dots.training.checkpoint_format import TRACKER
+from megatron_dots.storage.checkpoint_format import TRACKER
 from reference import make_hf_model, tiny_config
 
 

@@ -3,19 +3,21 @@
 ``init_distributed`` reads the usual torchrun environment variables (``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); without them it starts a
 single-process group on a free local port, so the same code runs under ``python script.py``
-and under ``torchrun``.
+and under ``torchrun``. ``lost_peer`` tells a collective that failed because another rank died
+or hung from other errors.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 from datetime import timedelta
 from typing import Optional
 
 import torch
 
-__all__ = ["default_device", "init_distributed", "local_rank"]
+__all__ = ["default_device", "init_distributed", "local_rank", "lost_peer"]
 
 
 def local_rank() -> int:
@@ -82,3 +84,33 @@ def init_distributed(
         backend=backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs
     )
     return True
+
+
+# gloo's transport errors: "[.../gloo/transport/tcp/pair.cc:537] Read error [ip]:port:
+# Connection reset by peer. This is typically caused by ..." (a peer process died) or
+# "[.../unbound_buffer.cc:78] Timed out waiting 600000ms for recv operation to complete" (a peer
+# hung past the timeout).
+_GLOO_TRANSPORT = "gloo/transport/"
+_SOURCE_PREFIX = re.compile(r"^\[[^\]]*\]\s*")
+_BOILERPLATE = re.compile(r"\s*This is typically caused by.*$", re.DOTALL)
+
+
+def lost_peer(err: BaseException) -> Optional[str]:
+    """One line describing `err` when it is a collective or store failure caused by another
+    rank (it died, or hung past the process groups' timeout); None for any other error.
+
+    gloo reports a dead peer at once ("Connection reset/closed by peer") and a hung one after
+    the timeout ("Timed out waiting ..."), both as plain RuntimeErrors from its transport;
+    torch reports a lost store connection as ``DistNetworkError`` / ``DistStoreError``. Other
+    backend errors (``DistBackendError``, e.g. NCCL's) keep their traceback: they can be bugs.
+    """
+    text = str(err)
+    store_errors = tuple(getattr(torch.distributed, name)
+                         for name in ("DistNetworkError", "DistStoreError")
+                         if hasattr(torch.distributed, name))
+    if not (isinstance(err, store_errors)
+            or (isinstance(err, RuntimeError) and _GLOO_TRANSPORT in text)):
+        return None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = _BOILERPLATE.sub("", _SOURCE_PREFIX.sub("", lines[0] if lines else type(err).__name__))
+    return line.rstrip(". ")[:300]

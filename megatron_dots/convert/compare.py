@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from ..config import DotsConfig
+from ..storage.errors import CheckpointError
+from ..storage.verify import verify_directory
+from .hf_reader import HFCheckpoint
 from .mcore_to_hf import open_checkpoint
 
 
@@ -50,11 +53,26 @@ def megatron_logits(ckpt: str, cfg: DotsConfig, tokens: torch.Tensor,
     return logits[..., : cfg.vocab_size].float().cpu()
 
 
+def check_hf_directory(hf_dir: str) -> None:
+    """`CheckpointError` naming the file unless `hf_dir` is an intact dots1 HF directory: sizes
+    against its manifest, structure, and a config and tensors our reader accepts."""
+    verdict = verify_directory(hf_dir, "hf")
+    if not verdict.intact:
+        raise verdict.damage[0]
+    HFCheckpoint(hf_dir).close()
+
+
 def hf_logits(hf_dir: str, tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
-                                                 attn_implementation="eager").to(device).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                     attn_implementation="eager")
+    except Exception as err:  # noqa: BLE001 - transformers' errors vary; name the directory
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        raise CheckpointError(hf_dir, f"transformers cannot load it ({type(err).__name__}: "
+                              f"{lines[0] if lines else ''})") from err
+    model = model.to(device).eval()
     with torch.no_grad():
         return model(tokens.to(device)).logits.float().cpu()
 
@@ -62,6 +80,7 @@ def hf_logits(hf_dir: str, tokens: torch.Tensor, device: torch.device) -> torch.
 def compare(ckpt: str, hf_dir: str, batch: int = 2, seq_length: int = 32,
             seed: int = 0) -> Comparison:
     """Run both models on the same random tokens and compare their logits."""
+    check_hf_directory(hf_dir)
     cfg = open_checkpoint(ckpt).cfg
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(seed)

@@ -7,17 +7,19 @@ requested tensor.
 """
 
 import io
-import json
 import os
 import warnings
 from typing import Any, Dict, Tuple
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
-from .errors import CheckpointError
+from ..storage.errors import CheckpointError
+from ..storage.structure import DCP_METADATA, read_dcp_metadata
+from ..storage.verify import verify_directory
 
 
 _COMMON_OBJECT = "common_state/shard_0_1"
@@ -37,31 +39,13 @@ class DistCheckpointReader:
 
     def __init__(self, directory: str):
         self.directory = directory
-        meta_json = os.path.join(directory, "metadata.json")
-        if not os.path.isfile(meta_json):
-            raise CheckpointError(meta_json, "missing: not a Megatron-Core distributed "
-                                  "checkpoint directory (or an incomplete one)")
-        with open(meta_json) as f:
-            backend = json.load(f).get("sharded_backend")
-        if backend != "torch_dist":
-            raise CheckpointError(meta_json, f"sharded_backend is {backend!r}; only "
-                                  "'torch_dist' checkpoints can be read")
-        dcp_meta = os.path.join(directory, ".metadata")
-        if not os.path.isfile(dcp_meta):
-            raise CheckpointError(dcp_meta, "missing: the checkpoint was not finished "
-                                  "(a save that crashed leaves no .metadata)")
-        try:
-            self.metadata = FileSystemReader(directory).read_metadata()
-        except Exception as err:  # noqa: BLE001 - report the file, keep the cause
-            raise CheckpointError(dcp_meta, f"unreadable ({type(err).__name__}: {err})") from err
+        # Sizes against the manifest where there is one, and the structure (every item's
+        # bytes present): a damaged checkpoint fails here, naming the file, before any read.
+        verdict = verify_directory(directory, "torch_dist")
+        if not verdict.intact:
+            raise verdict.damage[0]
+        self.metadata = read_dcp_metadata(directory)
         self._reader = _CachedMetadataReader(directory, self.metadata)
-        self._check_data_files()
-
-    def _check_data_files(self):
-        for info in self.metadata.storage_data.values():
-            path = os.path.join(self.directory, info.relative_path)
-            if not os.path.isfile(path):
-                raise CheckpointError(path, "missing (listed in .metadata)")
 
     def tensors(self) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
         """Stored tensor key -> (global shape, dtype)."""
@@ -78,7 +62,10 @@ class DistCheckpointReader:
         """
         path = os.path.join(self.directory, "common.pt")
         if os.path.isfile(path):
-            return torch.load(path, map_location="cpu", weights_only=False)
+            try:
+                return torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as err:  # noqa: BLE001 - any unpickling failure: name the file
+                raise CheckpointError(path, f"unreadable ({type(err).__name__}: {err})") from None
         if _COMMON_OBJECT not in self.metadata.state_dict_metadata:
             raise CheckpointError(path, f"missing, and .metadata has no {_COMMON_OBJECT!r}")
         loaded = self._load({_COMMON_OBJECT: io.BytesIO()})[_COMMON_OBJECT]
@@ -91,7 +78,7 @@ class DistCheckpointReader:
         """The whole global tensor stored under `key`, on CPU, in its stored dtype."""
         md = self.metadata.state_dict_metadata.get(key)
         if not isinstance(md, TensorStorageMetadata):
-            raise CheckpointError(os.path.join(self.directory, ".metadata"),
+            raise CheckpointError(os.path.join(self.directory, DCP_METADATA),
                                   f"no tensor {key!r}")
         return self._load({key: torch.empty(tuple(md.size), dtype=md.properties.dtype)})[key]
 
@@ -99,5 +86,21 @@ class DistCheckpointReader:
         """DCP load into `state` in this process (no process group), metadata cached."""
         with warnings.catch_warnings():  # "assuming ... a single process": that is the intent
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp_load(state, storage_reader=self._reader, no_dist=True)
+            try:
+                dcp_load(state, storage_reader=self._reader, no_dist=True)
+            except (Exception, CheckpointException) as err:  # noqa: BLE001 - name what was read
+                raise CheckpointError(self._files_of(state), "damaged: reading "
+                                      f"{', '.join(map(repr, state))} failed "
+                                      f"({type(err).__name__}: {_first_line(err)})") from None
         return state
+
+    def _files_of(self, state) -> str:
+        """The storage file(s) holding the keys of `state`."""
+        files = sorted({info.relative_path for index, info in self.metadata.storage_data.items()
+                        if index.fqn in state})
+        return ", ".join(os.path.join(self.directory, f) for f in files) or self.directory
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(err).__name__

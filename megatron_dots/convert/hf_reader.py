@@ -11,18 +11,16 @@ the released dots.llm1 checkpoints use) and transformers-5's fused in-memory nam
 import json
 import os
 import re
-import struct
 from typing import Dict, List, Tuple
 
 import torch
 
 from ..config import DotsConfig, DotsConfigError
-from .errors import CheckpointError
+from ..storage.errors import CheckpointError
+from ..storage.safetensors_file import SafetensorsFile
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "F64": torch.float64}
 _PER_EXPERT = re.compile(r"(model\.layers\.\d+\.mlp\.experts\.)(\d+)\.(gate|up|down)_proj\.weight$")
 
 
@@ -44,12 +42,17 @@ class HFCheckpoint:
     def _weight_map(self) -> Dict[str, str]:
         index = os.path.join(self.directory, INDEX)
         if os.path.isfile(index):
-            with open(index) as f:
-                try:
+            try:
+                with open(index, encoding="utf-8") as f:
                     weight_map = json.load(f)["weight_map"]
-                except (KeyError, ValueError) as err:
-                    raise CheckpointError(index, f"no readable 'weight_map' ({err})") from None
+            except (OSError, KeyError, TypeError, ValueError) as err:
+                raise CheckpointError(index, f"no readable 'weight_map' ({err})") from None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(index, "'weight_map' is not an object")
             for name, shard in weight_map.items():
+                if not isinstance(shard, str) or os.path.basename(shard) != shard:
+                    raise CheckpointError(index, f"{name!r} maps to {shard!r}, not a file name "
+                                          "in the model directory")
                 if not os.path.isfile(os.path.join(self.directory, shard)):
                     raise CheckpointError(index, f"shard {shard!r} (for {name!r}) is missing "
                                           f"from {self.directory}")
@@ -62,17 +65,27 @@ class HFCheckpoint:
     def _check_fused_expert_counts(self) -> None:
         for name, shard in self._files.items():
             if self._fused_members(name):
-                experts = self._header(shard).shape(name)[0]
+                shape = self._stored(name)[0].shape(name)
+                experts = shape[0] if shape else 0
                 if experts != self.config.num_moe_experts:
                     raise CheckpointError(
                         os.path.join(self.directory, shard),
                         f"tensor {name!r} holds {experts} experts, config.json says "
                         f"n_routed_experts={self.config.num_moe_experts}")
 
-    def _header(self, shard: str) -> "SafetensorsFile":
+    def _header(self, shard: str) -> SafetensorsFile:
         if shard not in self._headers:
             self._headers[shard] = SafetensorsFile(os.path.join(self.directory, shard))
         return self._headers[shard]
+
+    def _stored(self, name: str) -> Tuple[SafetensorsFile, str]:
+        """The file holding tensor `name` (or its fused expert tensor) and its stored name."""
+        shard, stored = self.where(name)
+        file = self._header(shard)
+        if stored not in file:
+            raise CheckpointError(file.path, f"tensor {stored!r} is missing (the index "
+                                  f"{INDEX} places it in this file)")
+        return file, stored
 
     def keys(self) -> List[str]:
         """Stored tensor names, fused expert tensors expanded to per-expert names."""
@@ -104,21 +117,20 @@ class HFCheckpoint:
 
     def get_dtype(self, name: str) -> torch.dtype:
         """The stored dtype of a tensor (read from the file header only)."""
-        shard, stored = self.where(name)
-        return self._header(shard).dtype(stored)
+        file, stored = self._stored(name)
+        return file.dtype(stored)
 
     def get_shape(self, name: str) -> Tuple[int, ...]:
         """The stored shape of a tensor (per expert for fused expert tensors)."""
-        shard, stored = self.where(name)
-        shape = self._header(shard).shape(stored)
+        file, stored = self._stored(name)
+        shape = file.shape(stored)
         if stored == name:
             return shape
         return (shape[1] // 2,) + shape[2:] if stored.endswith("gate_up_proj") else shape[1:]
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, in its stored dtype."""
-        shard, stored = self.where(name)
-        file = self._header(shard)
+        file, stored = self._stored(name)
         if stored == name:
             return file.read(stored, 0, file.shape(stored))
         m = _PER_EXPERT.match(name)
@@ -135,51 +147,3 @@ class HFCheckpoint:
 
     def close(self):
         self._headers.clear()
-
-
-class SafetensorsFile:
-    """The header of one safetensors file, and reads of contiguous element ranges."""
-
-    def __init__(self, path: str):
-        self.path = path
-        try:
-            with open(path, "rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(length))
-        except (OSError, ValueError, struct.error) as err:
-            raise CheckpointError(path, f"not a readable safetensors file ({err})") from None
-        header.pop("__metadata__", None)
-        self._data_start = 8 + length
-        self._entries = header
-        size = os.path.getsize(path) - self._data_start
-        for name, entry in header.items():
-            if entry["data_offsets"][1] > size:
-                raise CheckpointError(path, f"tensor {name!r} lies beyond the end of the file "
-                                      "(truncated download?)")
-
-    def __iter__(self):
-        return iter(self._entries)
-
-    def dtype(self, name: str) -> torch.dtype:
-        code = self._entries[name]["dtype"]
-        if code not in _DTYPES:
-            raise CheckpointError(self.path, f"tensor {name!r} has unsupported dtype {code}")
-        return _DTYPES[code]
-
-    def shape(self, name: str) -> Tuple[int, ...]:
-        return tuple(self._entries[name]["shape"])
-
-    def read(self, name: str, element_offset: int, shape: Tuple[int, ...]) -> torch.Tensor:
-        """`shape` elements of tensor `name`, starting `element_offset` elements in."""
-        dtype = self.dtype(name)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        buffer = torch.empty(numel * itemsize, dtype=torch.uint8)
-        start = self._data_start + self._entries[name]["data_offsets"][0]
-        with open(self.path, "rb") as f:
-            f.seek(start + element_offset * itemsize)
-            if f.readinto(memoryview(buffer.numpy())) != buffer.numel():
-                raise CheckpointError(self.path, f"tensor {name!r}: short read")
-        return buffer.view(dtype).reshape(shape)

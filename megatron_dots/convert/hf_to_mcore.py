@@ -13,14 +13,15 @@ from typing import Dict, List, Optional
 import torch
 
 from ..config import DotsConfig
-from ..training.checkpoint_format import RELEASE, TRACKER, dots_common_state, iteration_dir
-from .atomic import atomic_directory, atomic_write_text
+from ..storage.checkpoint_format import RELEASE, TRACKER, dots_common_state, iteration_dir
+from ..storage.atomic import atomic_directory, atomic_write_text
 from .dist_layout import StoredTensor, extra_state_keys, hf_shapes, stored_tensors
 from .dist_writer import Chunk, PickledObject, write_dist_checkpoint
-from .errors import CheckpointError
+from ..storage.errors import CheckpointError
+from ..storage.manifest import write_manifest
 from .hf_mapping import hf_sources, to_mcore
 from .hf_reader import HFCheckpoint
-from .progress import progress_bar
+from ..storage.progress import progress_bar
 
 HF_ASSETS = "hf_assets"
 # Files copied from the HF directory so that an export can restore them.
@@ -123,6 +124,7 @@ def convert_hf_to_mcore(
     with progress_bar(total, "hf-to-mcore", unit="tensor", enabled=progress) as bar:
         with atomic_directory(iteration_dir(out, RELEASE), overwrite=overwrite) as tmp:
             write_dist_checkpoint(tmp, groups, objects, common, on_chunk=lambda _: bar.update())
+            write_manifest(tmp)
         _copy_assets(hf_dir, os.path.join(out, HF_ASSETS))
         atomic_write_text(os.path.join(out, TRACKER), RELEASE)
     hf.close()

@@ -17,8 +17,8 @@ from typing import Dict, List, Optional
 import torch
 
 from ..config import DotsConfig, DotsConfigError
-from ..training.checkpoint_format import resolve_checkpoint_dir
-from .atomic import atomic_directory
+from ..storage.checkpoint_format import resolve_checkpoint_dir
+from ..storage.atomic import atomic_directory
 from .dist_layout import (
     Source,
     StoredTensor,
@@ -30,10 +30,11 @@ from .dist_layout import (
     stored_tensors,
 )
 from .dist_reader import DistCheckpointReader
-from .errors import CheckpointError
+from ..storage.errors import CheckpointError
+from ..storage.manifest import write_manifest
 from .hf_mapping import from_mcore
 from .hf_to_mcore import ASSET_FILES, DTYPES, HF_ASSETS
-from .progress import progress_bar
+from ..storage.progress import progress_bar
 from .safetensors_stream import (
     SafetensorsStreamWriter,
     TensorSpec,
@@ -187,6 +188,7 @@ def convert_mcore_to_hf(
                       f, indent=2)
         main_dtype = torch_dtype or model.dtypes["embedding.word_embeddings.weight"]
         _write_configs(model.cfg, main_dtype, assets, tmp)
+        write_manifest(tmp)
     return out
 
 

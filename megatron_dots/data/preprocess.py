@@ -16,12 +16,13 @@ import json
 import multiprocessing
 import os
 import sys
+import zlib
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy
 
-from ..convert.atomic import fsync_path
+from ..storage.atomic import fsync_path
 from .tokenizer import TokenizerError, load_tokenizer
 
 CHUNKSIZE = 64  # lines per task sent to a worker
@@ -135,7 +136,7 @@ def _read_lines(inputs: List[str]) -> Iterator[Task]:
             with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
                 for lineno, raw in enumerate(f, 1):
                     yield index, lineno, raw
-        except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+        except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
             raise PreprocessError(f"{path}: cannot read: {err}") from err
 
 

@@ -9,7 +9,7 @@ import json
 import os
 from typing import Iterable, Iterator, List, Sequence
 
-from ..convert.atomic import atomic_directory
+from ..storage.atomic import atomic_directory
 
 EOD_TOKEN = "<|endoftext|>"
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

@@ -13,6 +13,7 @@ from typing import List, Optional
 
 from ..config import PRESETS, DotsConfig, DotsConfigError
 from .batch_stages import BatchStageError, fixed_batch, parse_batch_stages
+from .numerics import add_numerics_args, check_numerics_args
 from .precision import add_precision_args, check_precision_args
 
 
@@ -136,6 +137,10 @@ def build_parser(prog: str = "megatron-dots pretrain") -> argparse.ArgumentParse
                      help="sequence parallelism (needs --tensor-model-parallel-size > 1)")
     par.add_argument("--distributed-backend", default=None, choices=("nccl", "gloo"),
                      help="torch.distributed backend (default: nccl on GPU, gloo on CPU)")
+    par.add_argument("--distributed-timeout-minutes", type=int, default=10,
+                     help="timeout of torch.distributed and of Megatron-Core's process groups "
+                     "(default 10, as Megatron-LM): a rank waiting in a collective on a hung "
+                     "peer fails after this long instead of torch's 30 minutes")
 
     train = parser.add_argument_group("training")
     train.add_argument("--micro-batch-size", type=int, required=True,
@@ -170,6 +175,7 @@ def build_parser(prog: str = "megatron-dots pretrain") -> argparse.ArgumentParse
     train.add_argument("--clip-grad", type=float, default=1.0, help="gradient clipping norm")
 
     add_precision_args(parser)
+    add_numerics_args(parser)
 
     data = parser.add_argument_group("data")
     data.add_argument("--data-path", nargs="*", default=None,
@@ -200,6 +206,11 @@ def build_parser(prog: str = "megatron-dots pretrain") -> argparse.ArgumentParse
     ckpt.add_argument("--no-load-optim", action="store_true",
                       help="do not load optimizer and scheduler state")
     ckpt.add_argument("--no-load-rng", action="store_true", help="do not load RNG state")
+    ckpt.add_argument("--dots-verify-load-checksums", action="store_true",
+                      help="before resuming, compare every file's CRC-32 with the checkpoint's "
+                      "manifest (the ranks share reading the whole checkpoint once; default: "
+                      "file sizes and structure only). A damaged latest checkpoint falls back "
+                      "to the newest intact one either way")
     ckpt.add_argument("--finetune", action="store_true",
                       help="load weights only and start at iteration 0")
     ckpt.add_argument("--exit-interval", type=int, default=None,
@@ -293,7 +304,7 @@ def validate_args(args, world_size: int) -> None:
     reject every combination that cannot work, naming the flags."""
     positive = ("micro_batch_size", "seq_length", "train_iters", "log_interval",
                 "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                "expert_model_parallel_size")
+                "expert_model_parallel_size", "distributed_timeout_minutes")
     for name in positive:
         if getattr(args, name) <= 0:
             raise ArgumentError(f"--{name.replace('_', '-')} must be positive, got "
@@ -340,6 +351,7 @@ def validate_args(args, world_size: int) -> None:
         raise ArgumentError(str(err)) from None
     _check_recompute_args(args)
     check_precision_args(args, ArgumentError)
+    check_numerics_args(args, ArgumentError)
     _check_a2a_overlap_args(args, ep, pp, vpp)
     if args.sequence_parallel and tp == 1:
         raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1")

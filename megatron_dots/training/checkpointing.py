@@ -1,10 +1,11 @@
 """Save and load training checkpoints with Megatron-Core dist_checkpointing (torch_dist).
 
-Directory layout and common state as in ``checkpoint_format`` (Megatron-LM's). Saves are
+Directory layout and common state as in ``storage.checkpoint_format`` (Megatron-LM's). Saves are
 atomic: all ranks write into ``ROOT/.iter_N.partial``; rank 0 renames it to ``ROOT/iter_N``
 and then rewrites the tracker file, so a crash mid-save leaves the previous checkpoint and the
-tracker untouched. Entries, as in Megatron-LM: ``model`` (one chunk) or ``model0``,
-``model1`` ... (virtual pipeline chunks); ``optimizer`` (Megatron-Core's sharded optimizer
+tracker untouched. Before the rename each rank checksums the data files it wrote and rank 0
+writes the integrity manifest (``storage.manifest``). Entries, as in Megatron-LM: ``model``
+(one chunk) or ``model0``, ``model1`` ... (virtual pipeline chunks); ``optimizer`` (Megatron-Core's sharded optimizer
 state, the distributed optimizer's in the fully reshardable format: it reshards to any
 data-parallel or expert-parallel size and loads into the plain optimizer and back, see
 ``optimizer_checkpoint``); ``opt_param_scheduler``; ``rng_state`` (one object per rank, restored
@@ -12,8 +13,12 @@ when the layout is unchanged). Model-only checkpoints (converted, or saved witho
 optimizer) load with ``optimizer=None``.
 """
 
+import contextlib
 import os
+import pickle
 import random
+import re
+import zipfile
 import shutil
 from typing import Any, Dict, Sequence
 
@@ -21,12 +26,14 @@ import numpy
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ..config import DotsConfig
-from ..convert.errors import CheckpointError
-from ..convert.atomic import atomic_write_text, promote_directory
+from ..storage.errors import CheckpointError
+from ..storage.atomic import atomic_write_text, promote_directory
+from ..storage.manifest import checkpoint_files, file_records, write_manifest
 from ..convert.sharding import unwrap_model
-from .checkpoint_format import (
+from ..storage.checkpoint_format import (
     TRACKER,
     dots_common_state,
     iteration_dir,
@@ -105,6 +112,24 @@ def _require_psutil() -> None:
                            "megatron-core's writer hangs without it") from None
 
 
+_RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp$")
+
+
+def _write_manifest(directory: str, rank: int) -> None:
+    """The checkpoint's integrity manifest: each rank checksums the data files it wrote
+    (``__{rank}_*.distcp``), rank 0 the rest, and rank 0 writes the manifest."""
+    files = checkpoint_files(directory)
+    owner = {f: int(m.group(1)) if (m := _RANK_FILE.match(f)) else 0 for f in files}
+    records = file_records(directory, [f for f in files if owner[f] == rank])
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        gathered = [None] * torch.distributed.get_world_size() if rank == 0 else None
+        torch.distributed.gather_object(records, gathered, dst=0)
+        if rank == 0:
+            records = {k: v for part in gathered for k, v in part.items()}
+    if rank == 0:
+        write_manifest(directory, records)
+
+
 def save_checkpoint(
     chunks: Sequence[torch.nn.Module], root: str, iteration: int, cfg: DotsConfig,
     optimizer=None, scheduler=None, **extra
@@ -133,11 +158,30 @@ def save_checkpoint(
     state.update(dots_common_state(cfg, padded, parallel_layout(len(chunks)), iteration, **extra))
     dist_checkpointing.save(state, partial)
     _barrier()
+    _write_manifest(partial, rank)
     if rank == 0:
         promote_directory(partial, final)
         atomic_write_text(os.path.join(root, TRACKER), str(iteration))
     _barrier()
     return final
+
+
+@contextlib.contextmanager
+def _damage_named(directory: str):
+    """Reading errors of damaged files (what the size and structure checks cannot see, such as
+    changed bytes in a checkpoint without a manifest) as a `CheckpointError` naming the
+    directory and the cause, not a traceback from inside PyTorch's checkpoint reader."""
+    try:
+        yield
+    except (CheckpointException, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
+            RuntimeError) as err:
+        if isinstance(err, RuntimeError) and not isinstance(err, CheckpointException) and (
+                "PytorchStreamReader" not in str(err)):
+            raise
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise CheckpointError(directory, f"damaged: reading it failed ({type(err).__name__}: "
+                              f"{lines[-1] if lines else ''}); verify it with `megatron-dots "
+                              f"verify --ckpt {directory} --full`") from err
 
 
 def load_checkpoint(
@@ -150,7 +194,8 @@ def load_checkpoint(
     path: a checkpoint root (its tracker file picks the iteration) or a torch_dist directory.
     """
     directory = resolve_checkpoint_dir(path)
-    common = dist_checkpointing.load_common_state_dict(directory)
+    with _damage_named(directory):
+        common = dist_checkpointing.load_common_state_dict(directory)
     dots = common.get("dots", {})
     if optimizer is not None and not dots.get("training_state", False):
         raise CheckpointError(directory, "holds model weights only (no optimizer state); load "
@@ -163,7 +208,8 @@ def load_checkpoint(
         same_layout = dots.get("parallel") == parallel_layout(len(chunks))
         if load_rng and same_layout:
             state["rng_state"] = _rng_entry()
-    loaded = dist_checkpointing.load(state, directory)
+    with _damage_named(directory):
+        loaded = dist_checkpointing.load(state, directory)
     for key, chunk in zip(_model_keys(len(chunks)), chunks):
         unwrap_model(chunk).load_state_dict(loaded.pop(key))
     if plan is not None:

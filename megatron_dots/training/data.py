@@ -81,8 +81,11 @@ def check_splits(prefixes: List[str], split: str, need_valid: bool) -> None:
     )
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    from ..data.indexed_check import check_indexed_dataset
+
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     for prefix in prefixes:
+        check_indexed_dataset(prefix)
         documents = len(IndexedDataset(prefix))
         for index, name in ((0, "train"), (1, "validation")):
             if index == 1 and not need_valid:

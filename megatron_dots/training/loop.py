@@ -6,7 +6,9 @@ rank's dots model chunks, wrap them in Megatron-Core DDP (with `finalize_model_g
 reduces gradients and applies the router-bias update), resume from `--load`, then step through
 the global batches (`--global-batch-size` or the `--dots-batch-stages` schedule), logging like
 Megatron-LM, validating every `--eval-interval`, saving every `--save-interval`, and on
-SIGTERM when `--exit-signal-handler` is given. It returns a summary for callers (the demo).
+SIGTERM when `--exit-signal-handler` is given; `numerics.NumericsGuard` skips steps with NaN /
+Inf (or loss spikes) and ends a run that keeps producing them (a checkpoint, then
+`NumericalFault`). It returns a summary for callers (the demo).
 """
 
 import os
@@ -19,7 +21,7 @@ import torch
 
 from .arguments import ArgumentError
 from .batch_stages import global_batch_size
-from .checkpoint_format import iteration_dir
+from ..storage.checkpoint_format import iteration_dir
 from .optimizer import samples_after
 from .precision import logged_loss_scale, precision_name
 from .reporting import Reporter, log
@@ -79,6 +81,7 @@ def setup_model_parallel(args) -> None:
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
+        distributed_timeout_minutes=args.distributed_timeout_minutes,
     )
     # As Megatron-LM: pipeline stages draw from different streams, data-parallel ranks share.
     seed = args.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
@@ -171,6 +174,7 @@ def _save(args, chunks, optimizer, scheduler, state: TrainState, result: TrainRe
         scheduler=scheduler, consumed_samples=state.consumed_samples,
         consumed_tokens=state.consumed_samples * args.seq_length,
         skipped_iters=state.skipped_iters, nan_iters=state.nan_iters,
+        spike_iters=state.spike_iters, loss_window=state.loss_window,
         precision=precision_name(args),
     )
     result.saved.append(path)
@@ -204,6 +208,7 @@ def pretrain(args) -> TrainResult:
     from .comm_overlap import DataParallelOverlap
     from .data import build_datasets, dataset_tokenizer, micro_batches
     from .optimizer import build_optimizer, build_scheduler
+    from .numerics import NumericalFault, NumericsGuard
     from .step import train_step
 
     setup_model_parallel(args)
@@ -248,6 +253,7 @@ def pretrain(args) -> TrainResult:
 
         result = TrainResult(iteration=state.iteration)
         reporter = Reporter(args, config, state.iteration)
+        numerics = NumericsGuard(args, state)
         signals = _SignalCatcher(args.exit_signal_handler)
         start = time.time()
         valid_round = 0
@@ -257,26 +263,27 @@ def pretrain(args) -> TrainResult:
                                         state.consumed_samples * args.seq_length)
                 batches = micro_batches(train, state.consumed_samples, gbs,
                                         args.micro_batch_size, dp_rank, dp_size, _device())
-                loss, grad_norm, updated = train_step(
+                loss, grad_norm, updated, verdict = train_step(
                     chunks, optimizer, batches, args.seq_length, args.micro_batch_size,
-                    recompute=recompute)
+                    recompute=recompute, numerics=numerics)
                 overlap.after_step(updated)
                 state.iteration += 1
                 state.consumed_samples += gbs
                 if not updated:
                     state.skipped_iters += 1
-                if loss != loss or (grad_norm is not None and grad_norm != grad_norm):
-                    state.nan_iters += 1
-                scheduler.step(gbs)
+                fault = numerics.after_step(state, loss, grad_norm, verdict)
+                if updated:  # as Megatron-LM: a skipped step does not advance the schedule
+                    scheduler.step(gbs)
                 result.losses.append((state.iteration, loss))
                 reporter.step(state, loss, optimizer.param_groups[0]["lr"], grad_norm, gbs,
-                              chunks, recompute, loss_scale=logged_loss_scale(args, optimizer))
+                              chunks, recompute, loss_scale=logged_loss_scale(args, optimizer),
+                              updated=updated, force_log=fault is not None)
 
                 stop = signals.any_rank() if args.exit_signal_handler else False
                 exit_now = bool(args.exit_interval and state.iteration % args.exit_interval == 0)
                 evaluate = bool(valid is not None and args.eval_iters
                                 and state.iteration % args.eval_interval == 0)
-                save = bool(args.save and (stop or exit_now or (
+                save = bool(args.save and (stop or exit_now or fault or (
                     args.save_interval and state.iteration % args.save_interval == 0)))
                 if evaluate or save:
                     with reporter.paused(), overlap.parameters_in_sync():
@@ -288,6 +295,8 @@ def pretrain(args) -> TrainResult:
                             reporter.validation(state.iteration, valid_loss)
                         if save:
                             _save(args, chunks, optimizer, scheduler, state, result)
+                if fault:
+                    raise NumericalFault(fault)
                 if stop or exit_now:
                     result.stopped_by_signal = stop
                     log(f" exiting at iteration {state.iteration} "

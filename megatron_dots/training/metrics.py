@@ -16,7 +16,7 @@ from typing import Dict, Optional
 import torch
 
 from ..config import DotsConfig
-from ..convert.atomic import atomic_write_text
+from ..storage.atomic import atomic_write_text
 
 
 def flops_per_token(cfg: DotsConfig, seq_length: int) -> float:
@@ -40,9 +40,10 @@ def memory_gib() -> Dict[str, float]:
 def log_line(iteration: int, train_iters: int, consumed_samples: int, elapsed_ms: float,
              tflops_per_gpu: float, tokens_per_s: float, lr: float, global_batch_size: int,
              loss: float, grad_norm: Optional[float], skipped: int, nan_iters: int,
-             memory: Dict[str, float], loss_scale: Optional[float] = None) -> str:
+             memory: Dict[str, float], loss_scale: Optional[float] = None,
+             spikes: Optional[int] = None) -> str:
     """One progress line in Megatron-LM's format (plus tokens/s and memory); the loss scale
-    only for fp16 runs."""
+    only for fp16 runs, the loss-spike count only with spike detection on."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     parts = [
         f" [{stamp}] iteration {iteration:8d}/{train_iters:8d}",
@@ -57,6 +58,7 @@ def log_line(iteration: int, train_iters: int, consumed_samples: int, elapsed_ms
         f"grad norm: {grad_norm:.3f}" if grad_norm is not None else "grad norm: n/a",
         f"number of skipped iterations: {skipped:3d}",
         f"number of nan iterations: {nan_iters:3d}",
+        *([f"number of loss spikes: {spikes:3d}"] if spikes is not None else []),
     ]
     parts += [f"{name}: {value:.2f}" for name, value in memory.items()]
     return " | ".join(parts) + " |"

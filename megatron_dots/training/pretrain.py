@@ -21,20 +21,32 @@ def main(argv: Optional[List[str]] = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {err}", file=sys.stderr)
         return 2
-    from ..compat.distributed import init_distributed
+    from ..compat.distributed import init_distributed, lost_peer
     from ..config import DotsConfigError
-    from ..convert.errors import CheckpointError
+    from ..storage.errors import CheckpointError, DataFileError
     from .loop import pretrain
+    from .numerics import NumericalFault
 
     import torch
 
-    init_distributed(args.distributed_backend)
+    init_distributed(args.distributed_backend, timeout_minutes=args.distributed_timeout_minutes)
     try:
         result = pretrain(args)
-    except (ArgumentError, CheckpointError, DotsConfigError) as err:
+    except (ArgumentError, CheckpointError, DataFileError, DotsConfigError,
+            NumericalFault) as err:
         if torch.distributed.get_rank() == 0:
             print(f"error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        # Another rank died (gloo: at once) or hung (after --distributed-timeout-minutes): one
+        # line per surviving rank instead of a traceback each; the launcher sees the failure.
+        peer = lost_peer(err)
+        if peer is None:
+            raise
+        print(f"error: rank {torch.distributed.get_rank()}: lost contact with another rank "
+              f"({peer}); it exited or stopped responding, see its log. Restart from the last "
+              "checkpoint (--load)", file=sys.stderr, flush=True)
+        return 1
     if torch.distributed.get_rank() == 0:
         print(f" training ended at iteration {result.iteration} after "
               f"{result.seconds:.1f} s" + (" (signal)" if result.stopped_by_signal else ""),

@@ -42,15 +42,21 @@ class Reporter:
         self._reset_window()
 
     def _reset_window(self):
-        self.window = {"time": time.time(), "tokens": 0, "iters": 0, "loss": 0.0}
+        self.window = {"time": time.time(), "tokens": 0, "iters": 0, "loss": 0.0,
+                       "updated": 0, "updated_loss": 0.0}
 
     def step(self, state, loss, lr, grad_norm, global_batch, chunks, recompute=None,
-             loss_scale=None) -> None:
-        """After every optimizer step (all ranks); `loss_scale` only with fp16."""
+             loss_scale=None, updated=True, force_log=False) -> None:
+        """After every optimizer step (all ranks); `loss_scale` only with fp16. As Megatron-LM,
+        the logged loss averages the steps that updated (all of the interval's when none did);
+        `force_log` logs now (the same on every rank: the line gathers from all)."""
         args, iteration = self.args, state.iteration
         self.window["tokens"] += global_batch * args.seq_length
         self.window["iters"] += 1
         self.window["loss"] += loss
+        if updated:
+            self.window["updated"] += 1
+            self.window["updated_loss"] += loss
         if self.loss_csv:
             self.loss_csv.write(iteration, loss, lr, grad_norm, state.consumed_samples,
                                 global_batch)
@@ -62,8 +68,12 @@ class Reporter:
                 self.writer.add_scalar("grad-norm", grad_norm, iteration)
             if loss_scale is not None:
                 self.writer.add_scalar("loss-scale", loss_scale, iteration)
+            self.writer.add_scalar("numerics/skipped-iterations", state.skipped_iters, iteration)
+            self.writer.add_scalar("numerics/nan-iterations", state.nan_iters, iteration)
+            if args.dots_loss_spike_factor is not None:
+                self.writer.add_scalar("numerics/loss-spikes", state.spike_iters, iteration)
             self.writer.add_scalar("lm loss vs samples", loss, state.consumed_samples)
-        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+        if force_log or iteration % args.log_interval == 0 or iteration == args.train_iters:
             self._interval(state, lr, grad_norm, global_batch, chunks, recompute, loss_scale)
 
     def _interval(self, state, lr, grad_norm, global_batch, chunks, recompute=None,
@@ -82,8 +92,11 @@ class Reporter:
         memory = memory_gib()
         log(log_line(iteration, self.args.train_iters, state.consumed_samples,
                      1000 * elapsed / window["iters"], tflops, tokens_per_s, lr, global_batch,
-                     window["loss"] / window["iters"], grad_norm, state.skipped_iters,
-                     state.nan_iters, memory, loss_scale))
+                     (window["updated_loss"] / window["updated"] if window["updated"]
+                      else window["loss"] / window["iters"]), grad_norm, state.skipped_iters,
+                     state.nan_iters, memory, loss_scale,
+                     spikes=(state.spike_iters if self.args.dots_loss_spike_factor is not None
+                             else None)))
         if self.writer:
             self.writer.add_scalar("throughput/tflops-per-gpu", tflops, iteration)
             self.writer.add_scalar("throughput/tokens-per-second", tokens_per_s, iteration)

@@ -4,10 +4,12 @@
 """
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import List
 
 from .arguments import ArgumentError
-from .checkpoint_format import RELEASE, TRACKER, read_tracker, resolve_checkpoint_dir
+from ..storage.checkpoint_format import RELEASE, TRACKER, read_tracker
+from .checkpoint_choice import choose_checkpoint
 from .checkpointing import load_checkpoint
 from .precision import resume_precision_problem
 from .reporting import log
@@ -21,6 +23,8 @@ class TrainState:
     consumed_samples: int = 0
     skipped_iters: int = 0
     nan_iters: int = 0
+    spike_iters: int = 0
+    loss_window: List[float] = field(default_factory=list)  # the loss-spike detector's
 
 
 
@@ -33,7 +37,9 @@ def resume(args, chunks, optimizer, scheduler) -> TrainState:
             and not os.path.isfile(os.path.join(args.load, "metadata.json"))):
         log(f" no checkpoint in {args.load} (no {TRACKER}): starting from scratch")
         return TrainState()
-    directory = resolve_checkpoint_dir(args.load)
+    directory, lines = choose_checkpoint(args.load, args.dots_verify_load_checksums)
+    for line in lines:
+        log(line)
     from megatron.core import dist_checkpointing
 
     dots = dist_checkpointing.load_common_state_dict(directory).get("dots", {})
@@ -73,9 +79,11 @@ def resume(args, chunks, optimizer, scheduler) -> TrainState:
         consumed_samples=int(dots.get("consumed_samples", 0)),
         skipped_iters=int(dots.get("skipped_iters", 0)),
         nan_iters=int(dots.get("nan_iters", 0)),
+        spike_iters=int(dots.get("spike_iters", 0)),
+        loss_window=[float(x) for x in dots.get("loss_window", [])],
     )
     if args.no_load_optim:
         scheduler.step(state.consumed_samples)  # keep the schedule where the run was
-    log(f" resumed from {args.load} at iteration {state.iteration} "
+    log(f" resumed from {directory} at iteration {state.iteration} "
         f"({state.consumed_samples} samples consumed)")
     return state

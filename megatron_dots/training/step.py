@@ -117,11 +117,13 @@ def forward_backward(
 
 class StepResult(NamedTuple):
     """One optimizer step: global mean loss, gradient norm (None when not computed) and
-    whether the parameters were updated (False: an fp16 overflow skipped the step)."""
+    whether the parameters were updated (False: an fp16 overflow, or the numerics guard,
+    skipped the step); the guard's `numerics.StepVerdict` when one was given."""
 
     loss: float
     grad_norm: Optional[float]
     update_successful: bool
+    numerics: Optional[object] = None
 
 
 def train_step(
@@ -131,14 +133,19 @@ def train_step(
     seq_length: int,
     micro_batch_size: int,
     recompute=None,
+    numerics=None,
 ) -> StepResult:
-    """`forward_backward` then an optimizer step."""
+    """`forward_backward` then an optimizer step. `numerics`, a `numerics.NumericsGuard`,
+    judges the loss and gradients first (on every rank alike) and may skip the step."""
     optimizer.zero_grad()
     loss = forward_backward(
         chunks, micro_batches, seq_length, micro_batch_size, recompute=recompute
     )
+    verdict = numerics.check(loss, chunks) if numerics is not None else None
+    if verdict is not None and verdict.skip:
+        return StepResult(loss, None, False, verdict)
     update_successful, grad_norm, _ = optimizer.step()
-    return StepResult(loss, grad_norm, bool(update_successful))
+    return StepResult(loss, grad_norm, bool(update_successful), verdict)
 
 
 def global_mean_loss(losses) -> float:

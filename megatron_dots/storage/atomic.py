@@ -28,6 +28,7 @@ def atomic_directory(target: str, overwrite: bool = False) -> Iterator[str]:
         raise FileExistsError(f"{target}: exists and is not empty (pass --overwrite to "
                               "replace it)")
     parent, name = os.path.split(target)
+    created = _first_missing_ancestor(parent)
     os.makedirs(parent, exist_ok=True)
     partial = os.path.join(parent, f".{name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
@@ -37,8 +38,31 @@ def atomic_directory(target: str, overwrite: bool = False) -> Iterator[str]:
         fsync_path(partial)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
+        _remove_empty_dirs(parent, created)
         raise
     promote_directory(partial, target)
+
+
+def _first_missing_ancestor(path: str):
+    """The outermost directory of `path` that does not exist yet (None if it exists)."""
+    missing = None
+    while path and not os.path.exists(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
+
+
+def _remove_empty_dirs(path: str, up_to) -> None:
+    """Remove `path` and its parents up to `up_to` (the first we created) while empty."""
+    if up_to is None:
+        return
+    while True:
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+        if path == up_to:
+            return
+        path = os.path.dirname(path)
 
 
 def promote_directory(complete: str, target: str) -> None:

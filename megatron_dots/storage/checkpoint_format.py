@@ -11,7 +11,7 @@ import os
 from typing import Dict, Optional, Union
 
 from .._version import __version__
-from ..convert.errors import CheckpointError
+from .errors import CheckpointError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
