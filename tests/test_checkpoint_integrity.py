@@ -97,3 +97,11 @@ def test_changed_bytes_are_found_with_checksums_and_nothing_intact_stops_the_run
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(flipped) in errors[0], proc.stderr[-2000:]
     assert "no older intact checkpoint" in errors[0]
+
+
+def test_verify_refuses_a_directory_that_is_no_checkpoint(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["verify", "--ckpt", str(tmp_path / "empty")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'empty'}: neither")
+    assert cli_main(["verify", "--hf", str(tmp_path / "missing")]) == 2
+    assert "no such directory" in capsys.readouterr().err

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from launch import REPO_ROOT, _env
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
@@ -17,6 +19,7 @@ STEPS = ["layer_bench", "grouped_vs_sequential", "a2a_overlap", "recompute", "pr
          "megatron_lm"]
 
 
+@pytest.mark.heavy
 def test_dry_run_runs_every_step(tmp_path):
     env = dict(_env(), GPU_SUITE_DRY_RUN="1")
     proc = subprocess.run(["bash", os.path.join(REPO_ROOT, "bench", "gpu_suite.sh"),

@@ -71,6 +71,7 @@ def _workers(launcher):
     return workers
 
 
+@pytest.mark.heavy
 def test_killed_rank_fails_torchrun_fast_and_resume_matches_uninterrupted(data, tmp_path):
     common = dict(train_iters=8, eval_iters=0, log_interval=1)
     # The uninterrupted run: the same training flags, without saving (saving changes no loss,
@@ -165,6 +166,7 @@ def test_without_a_launcher_the_surviving_rank_exits_with_one_line(data, tmp_pat
     assert "Traceback" not in text, text[-6000:]
 
 
+@pytest.mark.heavy
 def test_sigterm_during_a_save_finishes_it_then_saves_and_exits(data, tmp_path):
     # --exit-signal-handler (SLURM's --signal): SIGTERM while the iteration-4 checkpoint is being
     # written lets it complete, then the run saves after the next step and exits cleanly.

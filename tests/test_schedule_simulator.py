@@ -147,6 +147,7 @@ def test_cli_rejects_unknown_op_times(tmp_path, capsys):
     assert "times.json" in err and "attn_core" in err
 
 
+@pytest.mark.heavy
 def test_validation_against_cpu_runs_smoke(tmp_path):
     """bench/validate_simulator.py runs end to end (calibration, torchrun PP=2 1F1B and
     interleaved, simulation) and reports both sides; its numbers are recorded in
