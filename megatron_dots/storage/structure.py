@@ -14,7 +14,6 @@ Each function returns the damage found as `CheckpointError`s naming the file; no
 import io
 import json
 import os
-import pickle
 import zipfile
 import zlib
 from typing import Callable, Dict, List, Optional
@@ -53,8 +52,9 @@ def read_dcp_metadata(directory: str):
         raise CheckpointError(path, "missing: the checkpoint was not finished (a save that "
                               "crashed leaves no .metadata)")
     try:
-        with open(path, "rb") as f:
-            metadata = pickle.load(f)
+        from torch.distributed.checkpoint import FileSystemReader
+
+        metadata = FileSystemReader(directory).read_metadata()
         metadata.state_dict_metadata.items()
         storage = dict(metadata.storage_data)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is damage to report
