@@ -70,11 +70,11 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(two_rank_
 def test_explicitly_named_damaged_checkpoint_fails_naming_the_file(two_rank_run, data,
                                                                    tmp_path):
     ckpt = _copy(two_rank_run, tmp_path)
-    os.remove(ckpt / "iter_0000008" / "common.pt")
+    os.remove(ckpt / "iter_0000008" / ".metadata")  # (common.pt: not saved by 0.19+)
     proc = run(flags(data, tmp_path, train_iters=9, load=ckpt / "iter_0000008", eval_iters=0,
                      **CONSTANT_LR), returncode=2)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {ckpt / 'iter_0000008' / 'common.pt'}: --load names a damaged "
+    assert errors == [f"error: {ckpt / 'iter_0000008' / '.metadata'}: --load names a damaged "
                       f"checkpoint: missing (listed in {MANIFEST})"], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
 

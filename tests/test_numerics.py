@@ -437,10 +437,10 @@ def _child(plan_path: str) -> None:
             "optimizer": _digest(_optimizer_tensors(optimizer))})
         return result
 
-    def micro_batches(dataset, consumed, global_batch, *args):
+    def micro_batches(dataset, consumed, global_batch, *args, **kwargs):
         if "skip_batch" in run and consumed // global_batch + 1 >= run["skip_batch"]:
             consumed += global_batch
-        return real_micro_batches(dataset, consumed, global_batch, *args)
+        return real_micro_batches(dataset, consumed, global_batch, *args, **kwargs)
 
     def build_datasets(args, tokenizer, train_samples, valid_samples):
         return real_build_datasets(args, tokenizer, train_samples + run.get("extra_samples", 0),

@@ -228,3 +228,17 @@ def test_skewed_router_bias_rebalances(seeded):
     assert (shares[-10:] < 0.25).all(), shares[-10:]
     # Only the bias moved (learning rate zero).
     assert all(torch.equal(a, b) for a, b in zip(weights, chunks[0].parameters()))
+
+
+def test_token_ids_outside_the_vocabulary_name_their_dataset(data, tmp_path):
+    """A dataset tokenized for a larger vocabulary (or a damaged .bin) stops the run with one
+    line naming its .bin before the batch reaches the embedding."""
+    from training_data import write_progressions
+
+    wide = write_progressions(str(tmp_path / "wide"), 4000, documents=100, seed=3)
+    proc = run(flags([data[0], wide], tmp_path, train_iters=3, eval_iters=0, **CONSTANT_LR),
+               returncode=2)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {wide}.bin: sample "), proc.stderr
+    assert "outside the model's vocabulary of 512 ids" in errors[0]
+    assert "Traceback" not in proc.stderr

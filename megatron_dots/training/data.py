@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..storage.errors import DataFileError
 from .arguments import ArgumentError, data_blend
 
 
@@ -101,16 +102,40 @@ def check_splits(prefixes: List[str], split: str, need_valid: bool) -> None:
 
 
 def micro_batches(dataset, consumed_samples: int, global_batch_size: int, micro_batch_size: int,
-                  dp_rank: int, dp_size: int, device) -> List[Dict[str, torch.Tensor]]:
-    """This DP rank's micro-batches of the global batch starting at `consumed_samples`."""
+                  dp_rank: int, dp_size: int, device, vocab_size: Optional[int] = None
+                  ) -> List[Dict[str, torch.Tensor]]:
+    """This DP rank's micro-batches of the global batch starting at `consumed_samples`.
+
+    With `vocab_size`, a sample holding a token id outside [0, vocab_size) (data tokenized for
+    another vocabulary, or a damaged ``.bin``) is a `DataFileError` naming its dataset, checked
+    on the host before the batch reaches the device (where the embedding would fail with a
+    device-side assert)."""
     count = global_batch_size // (micro_batch_size * dp_size)
     batches = []
     for m in range(count):
         first = consumed_samples + (m * dp_size + dp_rank) * micro_batch_size
         samples = [dataset[i] for i in range(first, first + micro_batch_size)]
+        if vocab_size is not None:
+            for index, sample in enumerate(samples, first):
+                _check_token_ids(dataset, index, sample, vocab_size)
         batches.append({
             key: torch.stack([s[key] for s in samples]).to(device)
             for key in ("tokens", "labels", "loss_mask", "position_ids")
         })
     return batches
 
+
+def _check_token_ids(dataset, index: int, sample, vocab_size: int) -> None:
+    for key in ("tokens", "labels"):
+        ids = sample[key]
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab_size:
+            source = dataset
+            if "dataset_id" in sample:  # a blend: the member dataset the sample came from
+                source = dataset.datasets[int(sample["dataset_id"])]
+            path = getattr(source, "dataset_path", None) or "--data-path"
+            bad = low if low < 0 else high
+            raise DataFileError(f"{path}.bin" if path != "--data-path" else path,
+                                f"sample {index} holds token id {bad}, outside the model's "
+                                f"vocabulary of {vocab_size} ids (data tokenized for another "
+                                "vocabulary, or damaged)")

@@ -193,7 +193,7 @@ def _evaluate(args, chunks, valid, valid_round: int, dp_rank: int, dp_size: int)
         for k in range(args.eval_iters):
             start = (valid_round * args.eval_iters + k) * gbs % max(1, len(valid) - gbs + 1)
             batches = micro_batches(valid, start, gbs, args.micro_batch_size, dp_rank, dp_size,
-                                    _device())
+                                    _device(), vocab_size=args.dots_config.vocab_size)
             losses.append(forward_backward(chunks, batches, args.seq_length,
                                            args.micro_batch_size, forward_only=True))
     for chunk in chunks:
@@ -262,7 +262,8 @@ def pretrain(args) -> TrainResult:
                 gbs = global_batch_size(args.batch_stages,
                                         state.consumed_samples * args.seq_length)
                 batches = micro_batches(train, state.consumed_samples, gbs,
-                                        args.micro_batch_size, dp_rank, dp_size, _device())
+                                        args.micro_batch_size, dp_rank, dp_size, _device(),
+                                        vocab_size=cfg.vocab_size)
                 loss, grad_norm, updated, verdict = train_step(
                     chunks, optimizer, batches, args.seq_length, args.micro_batch_size,
                     recompute=recompute, numerics=numerics)
