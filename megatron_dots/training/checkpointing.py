@@ -29,10 +29,10 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..config import DotsConfig
-from ..storage.errors import CheckpointError
-from ..storage.atomic import atomic_write_text, promote_directory
-from ..storage.manifest import checkpoint_files, file_records, write_manifest
 from ..convert.sharding import unwrap_model
+from ..storage.atomic import atomic_write_text, promote_directory
+from ..storage.errors import CheckpointError
+from ..storage.manifest import checkpoint_files, file_records, write_manifest
 from ..storage.checkpoint_format import (
     TRACKER,
     dots_common_state,
@@ -184,6 +184,12 @@ def _damage_named(directory: str):
                               f"verify --ckpt {directory} --full`") from err
 
 
+def load_common_state(directory: str) -> Dict[str, Any]:
+    """The common (non-sharded) state of the torch_dist checkpoint `directory`."""
+    with _damage_named(directory):
+        return dist_checkpointing.load_common_state_dict(directory)
+
+
 def load_checkpoint(
     chunks: Sequence[torch.nn.Module], path: str, optimizer=None, scheduler=None,
     load_rng: bool = True,
@@ -194,8 +200,7 @@ def load_checkpoint(
     path: a checkpoint root (its tracker file picks the iteration) or a torch_dist directory.
     """
     directory = resolve_checkpoint_dir(path)
-    with _damage_named(directory):
-        common = dist_checkpointing.load_common_state_dict(directory)
+    common = load_common_state(directory)
     dots = common.get("dots", {})
     if optimizer is not None and not dots.get("training_state", False):
         raise CheckpointError(directory, "holds model weights only (no optimizer state); load "

@@ -19,9 +19,9 @@ from typing import List, Tuple
 
 import torch
 
+from ..storage.checkpoint_format import iteration_dir
 from .arguments import ArgumentError
 from .batch_stages import global_batch_size
-from ..storage.checkpoint_format import iteration_dir
 from .optimizer import samples_after
 from .precision import logged_loss_scale, precision_name
 from .reporting import Reporter, log

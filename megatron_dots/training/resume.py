@@ -7,10 +7,10 @@ import os
 from dataclasses import dataclass, field
 from typing import List
 
-from .arguments import ArgumentError
 from ..storage.checkpoint_format import RELEASE, TRACKER, read_tracker
+from .arguments import ArgumentError
 from .checkpoint_choice import choose_checkpoint
-from .checkpointing import load_checkpoint
+from .checkpointing import load_checkpoint, load_common_state
 from .precision import resume_precision_problem
 from .reporting import log
 
@@ -27,7 +27,6 @@ class TrainState:
     loss_window: List[float] = field(default_factory=list)  # the loss-spike detector's
 
 
-
 def resume(args, chunks, optimizer, scheduler) -> TrainState:
     """Load --load into the model (and optimizer/scheduler/RNG unless told not to)."""
     if args.load is None:
@@ -40,9 +39,7 @@ def resume(args, chunks, optimizer, scheduler) -> TrainState:
     directory, lines = choose_checkpoint(args.load, args.dots_verify_load_checksums)
     for line in lines:
         log(line)
-    from megatron.core import dist_checkpointing
-
-    dots = dist_checkpointing.load_common_state_dict(directory).get("dots", {})
+    dots = load_common_state(directory).get("dots", {})
     saved = dots.get("config") or {}
     ours = args.dots_config.architecture()
     diffs = [f"{k} (checkpoint {saved[k]}, flags {ours[k]})" for k in ours
