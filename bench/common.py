@@ -46,10 +46,6 @@ def build(args, dots_overrides=None, configure=None):
     chunks = build_dots_model_chunks(dc, cfg, backend=args.expert_backend)
     for chunk in chunks:
         chunk.to(device)
-    if bf16:
-        from megatron.core.transformer.module import Float16Module
-
-        chunks = [Float16Module(cfg, chunk) for chunk in chunks]
     chunks = wrap_with_ddp(
         chunks, cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
     )

@@ -9,7 +9,6 @@ def tiny_chunks_and_optimizer(bf16=False, distributed=False, bucket_size=None):
     reduction gives several buckets."""
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.transformer.module import Float16Module
 
     from megatron_dots.model import build_dots_model_chunks
     from megatron_dots.training import wrap_with_ddp
@@ -18,8 +17,6 @@ def tiny_chunks_and_optimizer(bf16=False, distributed=False, bucket_size=None):
     dtype = torch.bfloat16 if bf16 else torch.float32
     tc = tiny_config().to_transformer_config(bf16=bf16, params_dtype=dtype)
     chunks = build_dots_model_chunks(tiny_config(), tc, backend="sequential")
-    if bf16:
-        chunks = [Float16Module(tc, chunk) for chunk in chunks]
     ddp = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=distributed,
         overlap_grad_reduce=bucket_size is not None, bucket_size=bucket_size)

@@ -127,10 +127,6 @@ def build_model(args, config):
     device = _device()
     for chunk in chunks:
         chunk.to(device)
-    if args.bf16 or args.fp16:
-        from megatron.core.transformer.module import Float16Module
-
-        chunks = [Float16Module(config, chunk) for chunk in chunks]
     return wrap_with_ddp(chunks, config, ddp_config(args))
 
 

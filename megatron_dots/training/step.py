@@ -57,7 +57,13 @@ def wrap_with_ddp(
     chunks: Sequence[torch.nn.Module], config, ddp_config: Optional[DistributedDataParallelConfig] = None
 ) -> List[DistributedDataParallel]:
     """Megatron DDP around each chunk (bucketing only on the first, as Megatron-LM does) and
-    `finalize_model_grads` installed on the config."""
+    `finalize_model_grads` installed on the config. With `config.bf16` / `config.fp16` each
+    chunk is first wrapped in Megatron-Core's `Float16Module`, as Megatron-LM's `get_model`
+    does."""
+    if config.bf16 or config.fp16:
+        from megatron.core.transformer.module import Float16Module
+
+        chunks = [Float16Module(config, chunk) for chunk in chunks]
     ddp_config = ddp_config or DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False
     )
