@@ -17,8 +17,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
-from ..storage.errors import CheckpointError
-from ..storage.structure import DCP_METADATA, read_dcp_metadata
+from ..storage.errors import CheckpointError, last_line
+from ..storage.structure import DCP_METADATA
 from ..storage.verify import verify_directory
 
 
@@ -44,7 +44,7 @@ class DistCheckpointReader:
         verdict = verify_directory(directory, "torch_dist")
         if not verdict.intact:
             raise verdict.damage[0]
-        self.metadata = read_dcp_metadata(directory)
+        self.metadata = verdict.dcp_metadata
         self._reader = _CachedMetadataReader(directory, self.metadata)
 
     def tensors(self) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
@@ -91,7 +91,7 @@ class DistCheckpointReader:
             except (Exception, CheckpointException) as err:  # noqa: BLE001 - name what was read
                 raise CheckpointError(self._files_of(state), "damaged: reading "
                                       f"{', '.join(map(repr, state))} failed "
-                                      f"({type(err).__name__}: {_first_line(err)})") from None
+                                      f"({type(err).__name__}: {last_line(err)})") from None
         return state
 
     def _files_of(self, state) -> str:
@@ -99,8 +99,3 @@ class DistCheckpointReader:
         files = sorted({info.relative_path for index, info in self.metadata.storage_data.items()
                         if index.fqn in state})
         return ", ".join(os.path.join(self.directory, f) for f in files) or self.directory
-
-
-def _first_line(err: Exception) -> str:
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(err).__name__

@@ -8,7 +8,6 @@ the released dots.llm1 checkpoints use) and transformers-5's fused in-memory nam
 (``mlp.experts.gate_up_proj`` [E, 2I, H], ``mlp.experts.down_proj`` [E, H, I]), read per expert.
 """
 
-import json
 import os
 import re
 from typing import Dict, List, Tuple
@@ -18,9 +17,8 @@ import torch
 from ..config import DotsConfig, DotsConfigError
 from ..storage.errors import CheckpointError
 from ..storage.safetensors_file import SafetensorsFile
+from ..storage.structure import HF_INDEX, HF_SINGLE, read_hf_weight_map
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 _PER_EXPERT = re.compile(r"(model\.layers\.\d+\.mlp\.experts\.)(\d+)\.(gate|up|down)_proj\.weight$")
 
 
@@ -40,27 +38,18 @@ class HFCheckpoint:
         self._check_fused_expert_counts()
 
     def _weight_map(self) -> Dict[str, str]:
-        index = os.path.join(self.directory, INDEX)
+        index = os.path.join(self.directory, HF_INDEX)
         if os.path.isfile(index):
-            try:
-                with open(index, encoding="utf-8") as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (OSError, KeyError, TypeError, ValueError) as err:
-                raise CheckpointError(index, f"no readable 'weight_map' ({err})") from None
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(index, "'weight_map' is not an object")
+            weight_map = read_hf_weight_map(index)
             for name, shard in weight_map.items():
-                if not isinstance(shard, str) or os.path.basename(shard) != shard:
-                    raise CheckpointError(index, f"{name!r} maps to {shard!r}, not a file name "
-                                          "in the model directory")
                 if not os.path.isfile(os.path.join(self.directory, shard)):
                     raise CheckpointError(index, f"shard {shard!r} (for {name!r}) is missing "
                                           f"from {self.directory}")
             return dict(weight_map)
-        single = os.path.join(self.directory, SINGLE)
+        single = os.path.join(self.directory, HF_SINGLE)
         if not os.path.isfile(single):
-            raise CheckpointError(self.directory, f"has neither {INDEX} nor {SINGLE}")
-        return {name: SINGLE for name in self._header(SINGLE)}
+            raise CheckpointError(self.directory, f"has neither {HF_INDEX} nor {HF_SINGLE}")
+        return {name: HF_SINGLE for name in self._header(HF_SINGLE)}
 
     def _check_fused_expert_counts(self) -> None:
         for name, shard in self._files.items():
@@ -84,7 +73,7 @@ class HFCheckpoint:
         file = self._header(shard)
         if stored not in file:
             raise CheckpointError(file.path, f"tensor {stored!r} is missing (the index "
-                                  f"{INDEX} places it in this file)")
+                                  f"{HF_INDEX} places it in this file)")
         return file, stored
 
     def keys(self) -> List[str]:
@@ -112,7 +101,7 @@ class HFCheckpoint:
             fused = m.group(1) + ("down_proj" if m.group(3) == "down" else "gate_up_proj")
             if fused in self._files:
                 return self._files[fused], fused
-        where = INDEX if os.path.isfile(os.path.join(self.directory, INDEX)) else SINGLE
+        where = HF_INDEX if os.path.isfile(os.path.join(self.directory, HF_INDEX)) else HF_SINGLE
         raise CheckpointError(os.path.join(self.directory, where), f"tensor {name!r} is missing")
 
     def get_dtype(self, name: str) -> torch.dtype:

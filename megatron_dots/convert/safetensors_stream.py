@@ -14,11 +14,10 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-_DTYPES = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
-}
+from ..storage.safetensors_file import DTYPES
+
+# torch dtype -> safetensors code, from the one table of codes (the reader's).
+_DTYPES = {dtype: code for code, (_, dtype) in DTYPES.items() if dtype is not None}
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ safetensors header is valid (see `safetensors_file`). With `deep`, the CRC-32s t
 records of ``torch.save`` carry are checked too (DCP stores each item that way), which finds
 changed bytes in a checkpoint without a manifest; safetensors carry no checksum.
 
-Each function returns the damage found as `CheckpointError`s naming the file; none raises.
+`read_dcp_metadata` raises a `CheckpointError` naming the file; the others return the damage
+found as `CheckpointError`s naming the files and do not raise.
 """
 
 import io
@@ -64,14 +65,11 @@ def read_dcp_metadata(directory: str):
     return metadata
 
 
-def dist_checkpoint_damage(directory: str, deep: bool = False,
+def dist_checkpoint_damage(directory: str, metadata, deep: bool = False,
                            on_bytes: Optional[Callable[[int], None]] = None
                            ) -> List[CheckpointError]:
-    """Structural damage of the torch_dist checkpoint in `directory` (see module docstring)."""
-    try:
-        metadata = read_dcp_metadata(directory)
-    except CheckpointError as err:
-        return [err]
+    """Structural damage of the torch_dist checkpoint in `directory` whose `.metadata` is
+    `metadata` (from `read_dcp_metadata`; see the module docstring)."""
     damage: List[CheckpointError] = []
     sizes: Dict[str, Optional[int]] = {}
     by_file: Dict[str, list] = {}
@@ -151,6 +149,22 @@ def _zip_crc_damage(path: str, items, on_bytes) -> List[CheckpointError]:
     return []
 
 
+def read_hf_weight_map(index: str) -> Dict[str, str]:
+    """The `weight_map` of an HF `model.safetensors.index.json`: tensor name -> shard file name
+    in the same directory; `CheckpointError` naming the index otherwise."""
+    try:
+        weight_map = _json_object(index)["weight_map"]
+    except KeyError:
+        raise CheckpointError(index, "has no 'weight_map'") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(index, "'weight_map' is not an object")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or os.path.basename(shard) != shard:
+            raise CheckpointError(index, f"{name!r} maps to {shard!r}, not a file name in the "
+                                  "model directory")
+    return weight_map
+
+
 def hf_directory_damage(directory: str) -> List[CheckpointError]:
     """Structural damage of the Hugging Face model directory `directory`."""
     config = os.path.join(directory, "config.json")
@@ -165,11 +179,7 @@ def hf_directory_damage(directory: str) -> List[CheckpointError]:
     weight_map = None
     if os.path.isfile(index):
         try:
-            weight_map = _json_object(index).get("weight_map")
-            if not isinstance(weight_map, dict) or not all(
-                    isinstance(v, str) and os.path.basename(v) == v for v in weight_map.values()):
-                raise CheckpointError(index, "'weight_map' is not a map of tensor names to "
-                                      "file names in the directory")
+            weight_map = read_hf_weight_map(index)
         except CheckpointError as err:
             return damage + [err]
         shards = sorted(set(weight_map.values()))

@@ -10,11 +10,11 @@ resuming from the newest intact one.
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from .errors import CheckpointError
 from .manifest import MANIFEST, checkpoint_files, manifest_damage, read_manifest
-from .structure import dist_checkpoint_damage, hf_directory_damage
+from .structure import dist_checkpoint_damage, hf_directory_damage, read_dcp_metadata
 
 _ITERATION = re.compile(r"iter_(\d{7,})$")
 
@@ -30,6 +30,7 @@ class Verdict:
     manifest: bool = False
     checksums: bool = False
     damage: List[CheckpointError] = field(default_factory=list)
+    dcp_metadata: Any = None  # torch_dist: the DCP Metadata read while checking, for readers
 
     @property
     def intact(self) -> bool:
@@ -79,8 +80,14 @@ def verify_directory(directory: str, kind: str, checksums: bool = False,
         if verdict.damage:
             return verdict
     if kind == "torch_dist":
+        try:
+            verdict.dcp_metadata = read_dcp_metadata(directory)
+        except CheckpointError as err:
+            verdict.damage.append(err)
+            return verdict
         deep = checksums and records is None
-        verdict.damage += dist_checkpoint_damage(directory, deep=deep, on_bytes=on_bytes)
+        verdict.damage += dist_checkpoint_damage(directory, verdict.dcp_metadata, deep=deep,
+                                                 on_bytes=on_bytes)
     else:
         verdict.damage += hf_directory_damage(directory)
     return verdict

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from ..config import DotsConfig
 from ..convert.sharding import unwrap_model
 from ..storage.atomic import atomic_write_text, promote_directory
-from ..storage.errors import CheckpointError
+from ..storage.errors import CheckpointError, last_line
 from ..storage.manifest import checkpoint_files, file_records, write_manifest
 from ..storage.checkpoint_format import (
     TRACKER,
@@ -178,9 +178,8 @@ def _damage_named(directory: str):
         if isinstance(err, RuntimeError) and not isinstance(err, CheckpointException) and (
                 "PytorchStreamReader" not in str(err)):
             raise
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         raise CheckpointError(directory, f"damaged: reading it failed ({type(err).__name__}: "
-                              f"{lines[-1] if lines else ''}); verify it with `megatron-dots "
+                              f"{last_line(err)}); verify it with `megatron-dots "
                               f"verify --ckpt {directory} --full`") from err
 
 
