@@ -115,13 +115,14 @@ def micro_batches(dataset, consumed_samples: int, global_batch_size: int, micro_
     for m in range(count):
         first = consumed_samples + (m * dp_size + dp_rank) * micro_batch_size
         samples = [dataset[i] for i in range(first, first + micro_batch_size)]
-        if vocab_size is not None:
-            for index, sample in enumerate(samples, first):
+        batch = {key: torch.stack([s[key] for s in samples])
+                 for key in ("tokens", "labels", "loss_mask", "position_ids")}
+        if vocab_size is not None and any(
+                int(batch[key].min()) < 0 or int(batch[key].max()) >= vocab_size
+                for key in ("tokens", "labels")):
+            for index, sample in enumerate(samples, first):  # name the culprit
                 _check_token_ids(dataset, index, sample, vocab_size)
-        batches.append({
-            key: torch.stack([s[key] for s in samples]).to(device)
-            for key in ("tokens", "labels", "loss_mask", "position_ids")
-        })
+        batches.append({key: value.to(device) for key, value in batch.items()})
     return batches
 
 
