@@ -93,6 +93,49 @@ def a2a_rows(out: str, dry: bool) -> List[Dict]:
     return rows
 
 
+def a2a_timing_rows(out: str, dry: bool) -> List[Dict]:
+    """`--dots-a2a-timing` in real pretrain runs: a2a and exposed share of the MoE-layer time
+    per schedule; with the overlap the paper's check (< 40 % exposed). One GPU runs no
+    overlap (it needs expert parallelism): that row is reported as not run."""
+    report = _report(out, "a2a_timing.json")
+    if report is None:
+        return [_row("a2a_timing.json", None, "written", False)]
+    rows = []
+    for schedule, result in report["results"].items():
+        if result["status"] != "ok":
+            rows.append(_row(f"{schedule} run", result["status"], "ok",
+                             None if result["status"].startswith("not run") else False))
+            continue
+        overlapped = schedule != "plain"
+        rows.append(_row(f"{schedule} a2a share", result["a2a_share"], "reported", None))
+        share = result["exposed_share"]
+        rows.append(_row(f"{schedule} exposed a2a share", share,
+                         "< 0.40" if overlapped else "reported",
+                         None if dry or not overlapped or share is None else share < 0.40))
+    return rows
+
+
+def analysis_rows(out: str, dry: bool) -> List[Dict]:
+    """`megatron-dots analyze` in bf16 on the GPU: it runs, and agrees with fp32 (losses
+    within 0.05 nats, >= 99 % of routed slots on the same experts); tokens per second."""
+    report = _report(out, "analysis.json")
+    if report is None:
+        return [_row("analysis.json", None, "written", False)]
+    rows = []
+    for dtype, result in report["results"].items():
+        for key, value in result.items():
+            if key.endswith("tokens/s (incl. start-up)"):
+                rows.append(_row(f"{dtype} {key}", value, "reported", None))
+    agreement = report.get("bf16_vs_fp32")
+    if agreement is not None:
+        diff, same = agreement["max_loss_diff"], agreement["routed_slots_agreeing"]
+        rows.append(_row("bf16 vs fp32 max loss diff", diff, "< 0.05", diff < 0.05))
+        rows.append(_row("bf16 vs fp32 routed slots agreeing", same, ">= 0.99", same >= 0.99))
+    elif not dry:
+        rows.append(_row("bf16 run", None, "ran", False))
+    return rows
+
+
 def recompute_rows(out: str, dry: bool) -> List[Dict]:
     """The planner keeps the peak within budget and is at least as fast as static recompute."""
     report = _report(out, "recompute_bench.json")
@@ -201,6 +244,17 @@ def steps(out: str) -> List[Dict]:
                   "dots-tiny", "--micro-batch-size", "2", "--global-batch-size", "4",
                   "--seq-length", "64", "--train-iters", "3", "--vocab-size", "500",
                   "--ddp-bucket-size", "20000", *PRETRAIN_FLAGS]),
+        dict(name="a2a_timing", limit_s=150, rows=a2a_timing_rows,
+             gpu=_bench("a2a_timing_bench.py", "--seq", "2048", "--timeout-s", "70",
+                        "--markdown", "--out", f"{out}/a2a_timing.json"),
+             dry=_bench("a2a_timing_bench.py", "--model", "dots-tiny", "--nproc", "2",
+                        "--seq", "64", "--micro-batch-size", "2", "--micro-batches", "2",
+                        "--iters", "4", "--vocab-size", "500",
+                        "--out", f"{out}/a2a_timing.json")),
+        dict(name="analysis", limit_s=120, rows=analysis_rows,
+             gpu=_bench("analysis_bench.py", "--timeout-s", "50", "--markdown",
+                        "--out", f"{out}/analysis.json"),
+             dry=_bench("analysis_bench.py", "--out", f"{out}/analysis.json")),
         dict(name="megatron_lm", limit_s=240, rows=megatron_lm_rows,
              gpu=["bash", os.path.join(HERE, "megatron_lm_gpu.sh"), f"{out}/megatron_lm"],
              dry=["bash", os.path.join(HERE, "megatron_lm_gpu.sh"), f"{out}/megatron_lm"]),

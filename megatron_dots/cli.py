@@ -160,6 +160,12 @@ def _simulate_schedule(argv) -> int:
     return main(argv)
 
 
+def _analyze(argv) -> int:
+    from .analysis.cli import main
+
+    return main(argv)
+
+
 def _verify(argv) -> int:
     from .storage.verify_cli import main
 
@@ -183,10 +189,13 @@ COMMANDS = {
     "compare": (_compare, "logits of a Megatron checkpoint vs an HF model; exit 1 if they differ"),
     "verify": (_verify, "is a checkpoint intact? sizes (or CRC-32s with --full) against its "
                "manifest, and its structure"),
+    "analyze": (_analyze, "experts: per-domain expert shares and specialization; "
+                "ablate-shared: loss without the shared / routed experts"),
     "pretrain": (_pretrain, "train with Megatron-LM flags plus --dots-* (torchrun for many "
                  "processes)"),
     "preprocess": (_preprocess, "JSONL -> Megatron indexed dataset (.bin/.idx), multiprocess"),
-    "plot-experts": (_plot_experts, "expert-load CSV -> PNG heatmap (layer x expert)"),
+    "plot-experts": (_plot_experts, "expert-load CSV -> PNG heatmap (layer x expert), or with "
+                     "--over-time each layer's max share and imbalance against iteration"),
     "megatron-lm-args": (_megatron_lm_args, "the native Megatron-LM flags of a preset (for "
                          "pretrain_gpt.py --spec megatron_dots.megatron_lm.spec dots_spec)"),
     "simulate-schedule": (_simulate_schedule, "step time, bubble and exposed all-to-all of "

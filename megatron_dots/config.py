@@ -121,6 +121,11 @@ class DotsConfig:
         """Megatron-Core `moe_layer_freq` as a list: 0 = dense layer, 1 = MoE layer."""
         return [0] * self.first_k_dense + [1] * (self.num_layers - self.first_k_dense)
 
+    @property
+    def moe_layer_numbers(self) -> list:
+        """1-based numbers (Megatron's `layer_number`) of the MoE layers."""
+        return [n for n in range(1, self.num_layers + 1) if n > self.first_k_dense]
+
     def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
         """Vocab size padded like Megatron-LM's `--make-vocab-size-divisible-by` under TP."""
         multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size

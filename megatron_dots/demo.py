@@ -5,8 +5,11 @@
 2. a byte-level BPE tokenizer trained on it (`data.tokenizer.train_bpe_tokenizer`);
 3. `megatron-dots preprocess` into a Megatron indexed dataset (two worker processes);
 4. `megatron-dots pretrain` of the `dots-tiny` preset: the first half of the steps, a
-   checkpoint, then a second run that resumes from it and finishes (validation at the end);
-5. the expert-load heatmap and the loss curve as PNGs;
+   checkpoint, then a second run that resumes from it and finishes (validation at the end),
+   with a router bias update rate of DEMO_BIAS_UPDATE_RATE (a demo setting: faster than the
+   1e-3 default for a 300-step run, so that the aux-loss-free balancing shows within it);
+5. the expert-load heatmap, the expert balance over time (max share and imbalance per layer
+   against iteration) and the loss curve as PNGs, and the final max share of each MoE layer;
 6. `convert mcore-to-hf` with the tokenizer, `compare` (our logits vs transformers'
    `Dots1ForCausalLM` on the export) and a greedy generation with transformers.
 
@@ -32,6 +35,15 @@ _CORPUS_MODULES = (
     "shutil", "socket", "sqlite3", "statistics", "string", "subprocess", "tarfile", "textwrap",
     "threading", "typing", "unittest", "urllib.parse", "uuid", "zipfile",
 )
+
+# A demo setting, not a recommendation for real runs: DotsConfig's 1e-3 (the paper does not
+# publish its rate) moves a bias by at most 0.3 in 300 steps, too little to balance dots-tiny's
+# routers within the demo, which then ends with collapse alarms (layer 4: one expert at 31.5%
+# of routed slots, 12.5% uniform). At 1e-2 one alarm fires at iteration 50, every layer stays
+# under 14% from iteration 75 on (12.7-12.8% at the end) and the loss ends a little lower;
+# 3e-2 and 5e-2 also balance but end with a higher loss and, at 5e-2, sign-update jitter
+# (max shares 14-14.5%).
+DEMO_BIAS_UPDATE_RATE = 1e-2
 
 
 def local_corpus(min_bytes: int = 200_000) -> List[str]:
@@ -68,6 +80,12 @@ def parse_args(argv=None):
                         help="micro-batches per step (gradient accumulation)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     parser.add_argument("--seed", type=int, default=1234, help="random seed")
+    parser.add_argument("--bias-update-rate", type=float, default=DEMO_BIAS_UPDATE_RATE,
+                        metavar="RATE",
+                        help="router expert-bias update rate, passed as pretrain's "
+                        f"--moe-router-bias-update-rate (default {DEMO_BIAS_UPDATE_RATE:g}: a "
+                        "demo setting, faster than the 1e-3 of DotsConfig so that the "
+                        "aux-loss-free balancing acts within a short run)")
     parser.add_argument("--log-interval", type=int, default=25, help="steps between log lines")
     parser.add_argument("--out", default=None,
                         help="directory for everything the demo makes (default: a temporary "
@@ -78,6 +96,8 @@ def parse_args(argv=None):
             parser.error(f"--{flag.replace('_', '-')} must be positive")
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the demo saves at half and resumes)")
+    if not (args.bias_update_rate >= 0 and math.isfinite(args.bias_update_rate)):
+        parser.error("--bias-update-rate must be a finite number >= 0")
     return args
 
 
@@ -93,6 +113,7 @@ def pretrain_flags(args, work: str, data_prefix: str, tokenizer_dir: str) -> Lis
         # WSD as in the paper: warmup (10%), stable, linear anneal to 10% of peak (last 20%).
         "--lr-decay-style", "WSD", "--lr-warmup-iters", str(max(1, steps // 10)),
         "--lr-wsd-decay-iters", str(max(1, steps // 5)), "--seed", str(args.seed),
+        "--moe-router-bias-update-rate", format(args.bias_update_rate, "g"),
         "--log-interval", str(args.log_interval), "--eval-interval", str(steps),
         "--eval-iters", "4", "--save", os.path.join(work, "ckpt"),
         "--load", os.path.join(work, "ckpt"), "--save-interval", str(steps // 2),
@@ -110,6 +131,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
     from .convert.mcore_to_hf import convert_mcore_to_hf
     from .data.preprocess import preprocess
     from .data.tokenizer import train_bpe_tokenizer
+    from .telemetry.balance_plot import plot_expert_balance
     from .telemetry.plots import plot_expert_heatmap, plot_loss_csv
     from .training.arguments import parse_args as parse_pretrain_args
     from .training.loop import pretrain
@@ -138,16 +160,24 @@ def run(argv: Optional[List[str]] = None) -> dict:
 
     flags = pretrain_flags(args, work, prefix, tokenizer_dir)
     half = args.steps // 2
-    print(f"[3/6] megatron-dots pretrain {' '.join(flags)} --exit-interval {half}", flush=True)
+    print(f"[3/6] megatron-dots pretrain {' '.join(flags)} --exit-interval {half}\n"
+          f"      (router bias update rate {args.bias_update_rate:g}: a demo setting, faster "
+          "for a run of a few hundred steps; DotsConfig's default for real runs is 1e-3, the "
+          "paper does not publish its rate)", flush=True)
     first = pretrain(parse_pretrain_args(flags + ["--exit-interval", str(half)]))
     print(f"[4/6] resuming from {first.saved[-1]}", flush=True)
     second = pretrain(parse_pretrain_args(flags))
     ckpt = os.path.join(work, "ckpt")
 
-    heatmap = plot_expert_heatmap(os.path.join(ckpt, "expert_load.csv"),
-                                  os.path.join(work, "expert_load.png"))
+    load_csv = os.path.join(ckpt, "expert_load.csv")
+    heatmap = plot_expert_heatmap(load_csv, os.path.join(work, "expert_load.png"))
+    balance_png = plot_expert_balance(load_csv, os.path.join(work, "expert_balance.png"),
+                                      title=f"expert balance, router bias update rate "
+                                      f"{args.bias_update_rate:g}")
     loss_png = plot_loss_csv(os.path.join(ckpt, "losses.csv"), os.path.join(work, "loss.png"))
-    print(f"[5/6] expert-load heatmap -> {heatmap}; loss curve -> {loss_png}", flush=True)
+    balance = expert_balance_report(load_csv)
+    print(f"[5/6] expert-load heatmap -> {heatmap}; balance over time -> {balance_png}; loss "
+          f"curve -> {loss_png}", flush=True)
 
     hf_dir = convert_mcore_to_hf(ckpt, os.path.join(work, "hf"), tokenizer_dir=tokenizer_dir,
                                  overwrite=True, progress=False)
@@ -174,21 +204,55 @@ def run(argv: Optional[List[str]] = None) -> dict:
         "valid_loss": valid, "uniform_loss": math.log(512),
         "loss_after_resume": resume_loss, "hf_max_abs_logit_diff": check.max_abs_diff,
         "hf_top1_agreement": check.top1_agreement, "seconds": round(time.time() - start, 1),
-        "generation": text,
+        "generation": text, "bias_update_rate": args.bias_update_rate,
+        "final_max_share": balance["final_max_share"],
+        "alarm_iterations": balance["alarm_iterations"],
     }
     with open(os.path.join(work, "summary.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
     print(f"loss {head:.3f} -> {tail:.3f} (training, mean of 10 steps); held-out loss "
           f"{valid:.3f} (uniform over the vocabulary: {math.log(512):.3f})")
+    print(balance["text"])
     print(f"greedy generation: {text!r}")
     if args.out:
         print(f"everything is in {work}: corpus.jsonl, tokenizer/, data/, ckpt/ (with "
-              "losses.csv and expert_load.csv), tensorboard/, expert_load.png, loss.png, hf/, "
-              f"summary.json ({summary['seconds']} s in all)")
+              "losses.csv and expert_load.csv), tensorboard/, expert_load.png, "
+              f"expert_balance.png, loss.png, hf/, summary.json ({summary['seconds']} s in "
+              "all)")
     else:
         shutil.rmtree(work, ignore_errors=True)
         print(f"done in {summary['seconds']} s (pass --out DIR to keep what the demo makes)")
     return summary
+
+
+def expert_balance_report(csv_path: str) -> dict:
+    """The last logged max share of each MoE layer and the iterations that raised an alarm
+    (collapsed or dead experts), from the run's expert-load CSV, with a line saying so."""
+    from .telemetry.balance_plot import balance_series
+    from .telemetry.expert_load import read_expert_load_csv
+
+    records = read_expert_load_csv(csv_path)
+    series = balance_series(records)
+    final = series.last()
+    alarmed = sorted({int(row["iteration"]) for row in records.rows
+                      if row["collapsed_experts"] or row["dead_experts"]})
+    last_it = int(series.iterations[-1])
+    shares = ", ".join(f"layer {layer} {100 * share:.1f}%" for layer, share in final.items())
+    logs = len(series.iterations)
+    if not alarmed:
+        alarms = f"no collapse or dead-expert alarm in any of the {logs} logs"
+    else:
+        where = (f"iteration {alarmed[0]}" if len(alarmed) == 1
+                 else f"iterations {alarmed[0]}-{alarmed[-1]}")
+        alarms = f"collapse/dead-expert alarms in {len(alarmed)} of {logs} logs ({where})"
+        quiet = sum(1 for it in series.iterations if it > alarmed[-1])
+        alarms += (", still at the last log" if alarmed[-1] == last_it else
+                   f", none in the last {quiet}: the router bias balanced the load")
+    text = (f"expert load at iteration {last_it}: max share {shares} (uniform "
+            f"{100 * series.uniform:.3g}%, alarm above {100 * series.collapse_threshold:.3g}%); "
+            f"{alarms}")
+    return {"final_max_share": {str(layer): share for layer, share in final.items()},
+            "alarm_iterations": alarmed, "text": text}
 
 
 def _mean(values):

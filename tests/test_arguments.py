@@ -34,6 +34,9 @@ def test_valid_flags_fill_derived_values():
                                       "--num-query-groups", "2", "--vocab-size", "500"])
     assert (explicit.dots_config.num_moe_experts, explicit.dots_config.hidden_size) == (4, 32)
     assert parse_args(BASE).global_batch_size == 2  # default: one micro-batch per DP rank
+    dots_flags = parse_args(BASE + ["--dots-first-k-dense", "2", "--dots-shared-experts", "1"])
+    assert (dots_flags.dots_config.first_k_dense, dots_flags.dots_config.num_shared_experts) \
+        == (2, 1)  # the --dots-* model flags reach the config (they were once ignored)
 
 
 @pytest.mark.parametrize("argv, world, needles", [

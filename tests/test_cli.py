@@ -39,6 +39,8 @@ def test_info_rejects_bad_config_naming_the_field(tmp_path):
 def test_demo_flags_are_validated():
     out = cli("demo", "--steps", "0")
     assert out.returncode == 2 and "--steps" in out.stderr
+    out = cli("demo", "--bias-update-rate", "-1")
+    assert out.returncode == 2 and "--bias-update-rate" in out.stderr
 
 
 def test_demo_trains_resumes_plots_and_matches_transformers(tmp_path):
@@ -54,9 +56,15 @@ def test_demo_trains_resumes_plots_and_matches_transformers(tmp_path):
     rows = (tmp_path / "ckpt" / "losses.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, 61)]
     for name in ("hf/config.json", "hf/tokenizer.json", "expert_load.png", "loss.png",
-                 "ckpt/expert_load.csv", "ckpt/iter_0000030", "ckpt/iter_0000060"):
+                 "expert_balance.png", "ckpt/expert_load.csv", "ckpt/iter_0000030",
+                 "ckpt/iter_0000060"):
         assert (tmp_path / name).exists(), name
     assert (tmp_path / "expert_load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The demo's bias update rate reaches pretrain; the end-of-run report is in the summary.
+    assert "--moe-router-bias-update-rate 0.01" in out.stdout and "demo setting" in out.stdout
+    assert summary["bias_update_rate"] == 0.01
+    assert sorted(summary["final_max_share"]) == ["2", "3", "4"]
+    assert "expert load at iteration 60: max share layer 2" in out.stdout
 
 
 def test_import_prints_one_informative_line():

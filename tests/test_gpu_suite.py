@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
 import gpu_suite  # noqa: E402
 
 STEPS = ["layer_bench", "grouped_vs_sequential", "a2a_overlap", "recompute", "pretrain",
-         "megatron_lm"]
+         "a2a_timing", "analysis", "megatron_lm"]
 
 
 @pytest.mark.heavy
@@ -49,6 +49,13 @@ def test_dry_run_runs_every_step(tmp_path):
     assert "training ended at iteration 3" in log
     for name in ("a2a_overlap.json", "recompute_bench.json"):
         assert json.loads((tmp_path / name).read_text())["results"]
+    # --dots-a2a-timing ran in both schedules (torchrun, gloo, EP 2) and reported its shares.
+    timing = json.loads((tmp_path / "a2a_timing.json").read_text())["results"]
+    assert list(timing) == ["plain", "overlap"]
+    assert all(r["status"] == "ok" and 0 < r["a2a_share"] <= 1 for r in timing.values())
+    # `analyze` ran both analyses (fp32 only on CPU) and reported its throughput.
+    analysis = json.loads((tmp_path / "analysis.json").read_text())["results"]
+    assert list(analysis) == ["fp32"] and set(analysis["fp32"]["losses"]) == {"low", "high"}
 
 
 def test_a_failing_or_hanging_step_is_recorded_and_the_suite_goes_on(tmp_path):

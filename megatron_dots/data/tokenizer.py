@@ -44,6 +44,13 @@ class DotsTokenizer:
             return self._backend.encode(text, add_special_tokens=False, verbose=False)
         return self._backend.encode(text)
 
+    def encode_document(self, text: str) -> List[int]:
+        """Token ids of `text` with the tokenizer's defaults (HF `tokenizer(text)`: the special
+        tokens its post-processor adds, if any), as evaluation tools tokenize a document."""
+        if self.kind == "hf":
+            return list(self._backend(text, verbose=False)["input_ids"])
+        return self._backend.encode(text)
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._backend.decode([int(i) for i in ids])
 

@@ -15,6 +15,10 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from .router import DotsRouter
 
+# The output variants of `DotsMoELayer.ablated`: what each keeps.
+ABLATIONS = {None: "routed + shared experts", "no-shared": "routed experts only",
+             "shared-only": "shared experts only"}
+
 
 class DotsMoELayer(MoELayer):
     """Megatron-Core MoE layer with the dots router and an unscaled shared expert."""
@@ -63,6 +67,36 @@ class DotsMoELayer(MoELayer):
         """The shared-expert output for `hidden_states` (the pre-MLP norm output)."""
         return super().shared_experts_compute(hidden_states)
 
+    # None, or an `ABLATIONS` key: which part of the output `postprocess` drops.
+    _ablation = None
+
+    @contextmanager
+    def ablated(self, variant):
+        """Within the block the layer's output omits one part: `"no-shared"` drops the shared
+        experts' output, `"shared-only"` the routed experts' (the router still routes, so its
+        counters see the same selections); `None` changes nothing. For analyses
+        (`analysis/ablation.py`), not training."""
+        if variant not in ABLATIONS:
+            raise ValueError(f"unknown MoE ablation {variant!r}; expected one of "
+                             f"{sorted(k for k in ABLATIONS if k)}")
+        previous, self._ablation = self._ablation, variant
+        try:
+            yield
+        finally:
+            self._ablation = previous
+
+    def postprocess(self, output: torch.Tensor, shared_expert_output):
+        if self._ablation == "no-shared":
+            shared_expert_output = None
+        elif self._ablation == "shared-only":
+            output = torch.zeros_like(output)
+        return super().postprocess(output, shared_expert_output)
+
     def take_expert_load(self) -> torch.Tensor:
         """Tokens this rank routed to each (global) expert since the last call; resets."""
         return self.router.take_expert_load()
+
+
+def dots_moe_layers(modules) -> list:
+    """Every `DotsMoELayer` inside `modules` (model chunks, wrapped or not), in order."""
+    return [m for module in modules for m in module.modules() if isinstance(m, DotsMoELayer)]

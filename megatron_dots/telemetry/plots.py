@@ -241,11 +241,13 @@ def save_png(fig, png_path: str) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """`megatron-dots plot-experts`: heatmap PNG from an expert-load CSV."""
+    """`megatron-dots plot-experts`: heatmap PNG (or, with --over-time, the balance over
+    time) from an expert-load CSV."""
     parser = argparse.ArgumentParser(
         prog="megatron-dots plot-experts",
         description="Plot a layer x expert heatmap of routed-token share from the expert-load "
-        "CSV the training loop writes (white = balanced 1/E, red = overloaded, blue = starved).",
+        "CSV the training loop writes (white = balanced 1/E, red = overloaded, blue = starved); "
+        "with --over-time, each MoE layer's balance against iteration instead.",
     )
     parser.add_argument("--csv", required=True, metavar="FILE",
                         help="expert-load CSV written by ExpertLoadLogger")
@@ -255,6 +257,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--window", type=int, default=1, metavar="N",
                         help="average the last N logged iterations up to --iteration, "
                         "weighted by tokens (default 1)")
+    parser.add_argument("--over-time", action="store_true",
+                        help="instead of the heatmap, draw per MoE layer against iteration: the "
+                        "max share (with the uniform share 1/E, the collapse-alarm threshold and "
+                        "a right axis in max share x E = max / mean load, the CSV's imbalance) "
+                        "and the imbalance as the coefficient of variation of the experts' "
+                        "loads (std / mean; 0 = balanced); shows whether the router bias is "
+                        "balancing the load")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a usage error (2, already printed)
@@ -262,9 +271,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.window < 1:
         print(f"error: --window must be >= 1, got {args.window}", file=sys.stderr)
         return 2
+    if args.over_time and (args.iteration is not None or args.window != 1):
+        print("error: --iteration and --window choose the heatmap's iterations; --over-time "
+              "plots every logged iteration", file=sys.stderr)
+        return 2
     try:
-        path = plot_expert_heatmap(args.csv, args.out, iteration=args.iteration,
-                                   window=args.window)
+        if args.over_time:
+            from .balance_plot import plot_expert_balance
+
+            path = plot_expert_balance(args.csv, args.out)
+        else:
+            path = plot_expert_heatmap(args.csv, args.out, iteration=args.iteration,
+                                       window=args.window)
     except (TelemetryError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

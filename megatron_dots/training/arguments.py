@@ -222,6 +222,17 @@ def build_parser(prog: str = "megatron-dots pretrain") -> argparse.ArgumentParse
     log.add_argument("--log-interval", type=int, default=100,
                      help="iterations between log lines (and expert-load rows)")
     log.add_argument("--tensorboard-dir", default=None, help="write TensorBoard events here")
+    log.add_argument("--dots-a2a-timing", action="store_true",
+                     help="time every MoE layer's expert all-to-all in the training forward "
+                     "passes: dispatch, combine, the MoE layer, and the exposed time the "
+                     "compute stream waited for the all-to-all (with --dots-a2a-overlap on a "
+                     "GPU measured at the schedule's stream waits, otherwise the all-to-all "
+                     "itself); logs their share of the MoE-layer time every --log-interval "
+                     "(log line, TensorBoard, --dots-a2a-timing-csv). CUDA events read at log "
+                     "time on a GPU, the wall clock on CPU")
+    log.add_argument("--dots-a2a-timing-csv", default=None, metavar="FILE",
+                     help="with --dots-a2a-timing: one row per MoE layer every --log-interval "
+                     "(default: SAVE/a2a_timing.csv when --save is given, else no CSV)")
     log.add_argument("--eval-interval", type=int, default=1000,
                      help="iterations between validation runs")
     log.add_argument("--eval-iters", type=int, default=10,
@@ -236,9 +247,16 @@ def parse_args(argv: Optional[List[str]] = None, world_size: int = 1) -> argpars
     return args
 
 
+def _model_flag_dest(field: str) -> str:
+    """Where argparse stores a model flag: the DotsConfig field for Megatron-LM's flags, the
+    flag's own name for the `--dots-*` ones (defined in `add_dots_args`)."""
+    flag = MODEL_FLAGS[field][0]
+    return flag[2:].replace("-", "_") if flag.startswith("--dots-") else field
+
+
 def model_config(args) -> DotsConfig:
     """The DotsConfig of these flags: the preset with the explicit model flags applied."""
-    overrides = {f: getattr(args, f, None) for f in MODEL_FLAGS}
+    overrides = {f: getattr(args, _model_flag_dest(f), None) for f in MODEL_FLAGS}
     overrides = {f: v for f, v in overrides.items() if v is not None}
     if args.dots_model is None:
         missing = [MODEL_FLAGS[f][0] for f in ("num_layers", "hidden_size", "num_attention_heads",
@@ -454,6 +472,12 @@ def validate_args(args, world_size: int) -> None:
         raise ArgumentError("--save-interval needs --save DIR")
     if args.exit_signal_handler and args.save is None:
         raise ArgumentError("--exit-signal-handler needs --save DIR to save to")
+    if args.dots_a2a_timing_csv is not None and not args.dots_a2a_timing:
+        raise ArgumentError("--dots-a2a-timing-csv needs --dots-a2a-timing")
+    if args.dots_a2a_timing and cfg.first_k_dense >= cfg.num_layers:
+        raise ArgumentError(f"--dots-a2a-timing: the model has no MoE layer "
+                            f"(--dots-first-k-dense {cfg.first_k_dense}, --num-layers "
+                            f"{cfg.num_layers})")
 
     args.dots_config = cfg
     args.data_parallel_size = dp
@@ -461,8 +485,10 @@ def validate_args(args, world_size: int) -> None:
     args.batch_stages = stages
     args.lr_decay_iters = decay_iters
     for name, default in (("dots_expert_load_csv", "expert_load.csv"),
-                          ("dots_loss_csv", "losses.csv")):
-        if getattr(args, name) is None and args.save is not None:
+                          ("dots_loss_csv", "losses.csv"),
+                          ("dots_a2a_timing_csv", "a2a_timing.csv" if args.dots_a2a_timing
+                           else None)):
+        if getattr(args, name) is None and args.save is not None and default:
             setattr(args, name, os.path.join(args.save, default))
 
 

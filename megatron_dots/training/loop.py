@@ -248,7 +248,7 @@ def pretrain(args) -> TrainResult:
                     "the all-to-all will not overlap; unset it or set it to 32")
 
         result = TrainResult(iteration=state.iteration)
-        reporter = Reporter(args, config, state.iteration)
+        reporter = Reporter(args, config, state.iteration, chunks)
         numerics = NumericsGuard(args, state)
         signals = _SignalCatcher(args.exit_signal_handler)
         start = time.time()

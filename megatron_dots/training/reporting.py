@@ -1,6 +1,7 @@
 """Everything a training run reports, on the logging rank: the per-step loss CSV and
 TensorBoard scalars, the Megatron-LM log line every `--log-interval` (with the expert-load
-telemetry, gathered from all ranks), and validation results.
+telemetry, gathered from all ranks, and with `--dots-a2a-timing` a line of all-to-all timing,
+see `telemetry/a2a_timing.py` and `a2a_report.py`), and validation results.
 
 Every rank makes a `Reporter` and calls it at the same points (the telemetry gather is a
 collective); only global rank 0 writes. Time spent validating and saving is excluded from
@@ -26,7 +27,7 @@ def log(text: str) -> None:
 
 
 class Reporter:
-    def __init__(self, args, model_config, start_iteration: int):
+    def __init__(self, args, model_config, start_iteration: int, chunks=()):
         from ..telemetry.expert_load import ExpertLoadLogger
 
         self.args = args
@@ -39,6 +40,13 @@ class Reporter:
                 loss_csv = LossCSV(args.dots_loss_csv, start_iteration)
             experts = ExpertLoadLogger(args.dots_expert_load_csv, writer)
         self.writer, self.loss_csv, self.experts = writer, loss_csv, experts
+        self.a2a = None  # --dots-a2a-timing: probes on every rank, output on the logging rank
+        if getattr(args, "dots_a2a_timing", False):
+            from ..telemetry.a2a_report import A2ATimingReport
+
+            self.a2a = A2ATimingReport(chunks, args.dots_config.moe_layer_numbers,
+                                       args.dots_a2a_timing_csv
+                                       if is_logging_rank() else None, writer)
         self._reset_window()
 
     def _reset_window(self):
@@ -82,6 +90,7 @@ class Reporter:
         from .router_load import gather_expert_load
 
         counts, bias, layers = gather_expert_load(chunks, self.model_config)  # collective
+        a2a = self.a2a.gather(self.window["iters"]) if self.a2a else None  # collective
         if not is_logging_rank():
             self._reset_window()
             return
@@ -97,6 +106,8 @@ class Reporter:
                      state.nan_iters, memory, loss_scale,
                      spikes=(state.spike_iters if self.args.dots_loss_spike_factor is not None
                              else None)))
+        if a2a:
+            log(f" {self.a2a.log(iteration, a2a)}")
         if self.writer:
             self.writer.add_scalar("throughput/tflops-per-gpu", tflops, iteration)
             self.writer.add_scalar("throughput/tokens-per-second", tokens_per_s, iteration)
@@ -128,6 +139,8 @@ class Reporter:
             self.window["time"] += time.time() - start
 
     def close(self) -> None:
+        if self.a2a:
+            self.a2a.close()
         if self.loss_csv:
             self.loss_csv.close()
         if self.writer:
