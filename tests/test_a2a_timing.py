@@ -68,7 +68,9 @@ def test_stage_probes_sum_per_layer_and_skip_evaluation(tiny_chunks):
 
     times = gather_layer_times(timing, MOE_LAYERS, iterations=1)  # one process: no peers
     assert [t.layer for t in times] == MOE_LAYERS
-    for t in times:  # two micro-batches, each stage one tick
+    # TickClock advances exactly 1 "ms" per mark, so the sums below count timed stages (no
+    # wall clock is read): 2 micro-batches x (1 dispatch, 1 combine, 7 stages).
+    for t in times:
         assert t.forwards == 2
         assert (t.dispatch_ms, t.combine_ms) == pytest.approx((2.0, 2.0))
         assert t.moe_ms == pytest.approx(2.0 * STAGES_PER_FORWARD)
@@ -176,7 +178,7 @@ def test_probes_on_the_real_schedules(tmp_path):
 def test_mean_over_layers_and_the_log_line():
     times = [LayerA2ATime(2, 1.0, 2.0, 10.0, 0.5, forwards=4, iterations=2),
              LayerA2ATime(3, 3.0, 2.0, 20.0, 1.5, forwards=4, iterations=2)]
-    mean = mean_over_layers(times)
+    mean = mean_over_layers(times)  # arithmetic on the records above, no clock involved
     assert (mean.dispatch_ms, mean.combine_ms, mean.moe_ms, mean.exposed_ms) == (2, 2, 15, 1)
     assert mean.a2a_share == pytest.approx(4 / 15) and mean.exposed_share == pytest.approx(1 / 15)
     line = describe(times, probe_waits=True)
@@ -233,6 +235,7 @@ def test_timed_runs_log_every_moe_layer_and_train_the_same(schedule, data, tmp_p
     for r in rows:
         v = {k: float(r[k]) for k in CSV_COLUMNS}
         assert v["iterations"] == 2 and v["forwards"] == 4  # 2 micro-batches per rank and step
+        # structure only (a real clock runs here): no negative span, the layer was timed
         assert min(v.values()) >= 0 and v["moe_ms"] > 0
         assert v["dispatch_ms"] + v["combine_ms"] <= v["moe_ms"] * (1 + 1e-6), r
         assert v["a2a_share"] == pytest.approx(

@@ -57,10 +57,11 @@ def _shares(counts: np.ndarray) -> np.ndarray:
                      where=totals > 0)
 
 
-def specialization(shares: np.ndarray) -> np.ndarray:
-    """[D, L, E] ratio of each expert's share on a domain to its mean share over domains
-    (NaN where the expert receives nothing on any domain)."""
-    mean = shares.mean(axis=0, keepdims=True)
+def specialization(shares: np.ndarray, domain_axis: int = 0) -> np.ndarray:
+    """Ratio of each expert's share on a domain to its mean share over the domains (along
+    `domain_axis`; [D, L, E] by default), NaN where the expert receives nothing on any
+    domain."""
+    mean = shares.mean(axis=domain_axis, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(mean > 0, shares / mean, np.nan)
 
@@ -76,10 +77,8 @@ def bootstrap_specialization(result: ExpertShares, replicates: int, seed: int = 
         replicate_shares = np.stack([
             _shares(w @ c[:, l].astype(np.float64)) for w, c in zip(weights, result.window_counts)
         ], axis=1)  # [B, D, E]
-        mean = replicate_shares.mean(axis=1, keepdims=True)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ratios = np.where(mean > 0, replicate_shares / mean, np.nan)
-        low[:, l], high[:, l] = interval(ratios, axis=0)
+        low[:, l], high[:, l] = interval(specialization(replicate_shares, domain_axis=1),
+                                         axis=0)
     return low, high
 
 

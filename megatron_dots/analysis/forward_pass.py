@@ -36,15 +36,11 @@ class WindowResults:
         return float(self.loss_sum.sum() / max(1, self.predicted.sum()))
 
 
-def _batches(windows: Sequence[np.ndarray], rows: int, length: int, dp_size: int):
-    """Host batches (padded) for all DP ranks, in order; batch k runs on DP rank k % dp."""
-    batches = []
-    for first in range(0, len(windows), rows):
-        batches.append(_batch(windows, list(range(first, min(first + rows, len(windows)))),
-                              rows, length))
-    while len(batches) % dp_size:
-        batches.append(_batch(windows, [], rows, length))
-    return batches
+def _batch_windows(n_windows: int, rows: int, dp_size: int) -> List[List[int]]:
+    """Window ids of every batch, for all DP ranks in order (batch k runs on DP rank k % dp),
+    padded with empty batches to a multiple of `dp_size`."""
+    ids = [list(range(first, min(first + rows, n_windows))) for first in range(0, n_windows, rows)]
+    return ids + [[] for _ in range(-len(ids) % dp_size)]
 
 
 def _batch(windows, ids: List[int], rows: int, length: int):
@@ -65,7 +61,7 @@ def _batch(windows, ids: List[int], rows: int, length: int):
         if lengths[row]:
             label_mask[row, lengths[row] - 1] = False
     return {"tokens": tokens, "labels": labels, "valid": valid, "label_mask": label_mask,
-            "window_ids": window_ids, "real_tokens": int(lengths.sum())}
+            "window_ids": window_ids}
 
 
 class _Recorder:
@@ -138,7 +134,7 @@ def run_windows(model, windows: Sequence[np.ndarray], micro_batch_size: int = 4,
     tp = parallel_state.get_tensor_model_parallel_world_size()
     longest = max(len(w) for w in windows)
     length = -(-longest // tp) * tp
-    batches = _batches(windows, micro_batch_size, length, dp_size)
+    batch_ids = _batch_windows(len(windows), micro_batch_size, dp_size)
     recorder = _Recorder(model, len(windows), count_routing)
 
     def forward_step(data_iterator, chunk):
@@ -151,7 +147,7 @@ def run_windows(model, windows: Sequence[np.ndarray], micro_batch_size: int = 4,
     def to_device(batch):
         return {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    rounds = len(batches) // dp_size
+    rounds = len(batch_ids) // dp_size
     show = progress and torch.distributed.get_rank() == 0
     total = sum(len(w) for w in windows)
     try:
@@ -161,13 +157,15 @@ def run_windows(model, windows: Sequence[np.ndarray], micro_batch_size: int = 4,
             bar = stack.enter_context(progress_bar(total, desc, unit="tok", enabled=show))
             for start in range(0, rounds, group):
                 stop = min(rounds, start + group)
-                mine = [to_device(batches[r * dp_size + dp_rank]) for r in range(start, stop)]
+                mine = [to_device(_batch(windows, batch_ids[r * dp_size + dp_rank],
+                                         micro_batch_size, length))
+                        for r in range(start, stop)]
                 get_forward_backward_func()(
                     forward_step_func=forward_step, data_iterator=iter(mine), model=model.chunk,
                     num_microbatches=len(mine), seq_length=length,
                     micro_batch_size=micro_batch_size, forward_only=True)
-                bar.update(sum(batches[i]["real_tokens"]
-                               for i in range(start * dp_size, stop * dp_size)))
+                bar.update(sum(len(windows[w]) for ids in
+                               batch_ids[start * dp_size:stop * dp_size] for w in ids))
     finally:
         recorder.close()
     counts, loss_sum = recorder.counts, recorder.loss_sum

@@ -142,26 +142,23 @@ def load_hf_weights(chunk: torch.nn.Module, hf_dir: str, cfg: DotsConfig) -> Non
 
     from ..convert.hf_mapping import MappingError, hf_sources, to_mcore
     from ..convert.hf_reader import HFCheckpoint
-    from ..convert.sharding import local_tensors, shard
+    from ..convert.sharding import load_shards
 
     padded = cfg.padded_vocab_size(parallel_state.get_tensor_model_parallel_world_size())
     reader = HFCheckpoint(hf_dir)
+
+    def full_tensor(key: str, local_key: str) -> torch.Tensor:
+        try:
+            return to_mcore(key, [reader.get(s) for s in hf_sources(key)], cfg, padded)
+        except MappingError as err:
+            raise CheckpointError(hf_dir, str(err)) from None
+
     try:
-        with torch.no_grad():
-            for local_key, key, tensor in local_tensors(chunk):
-                try:
-                    sources = hf_sources(key)
-                    full = to_mcore(key, [reader.get(s) for s in sources], cfg, padded)
-                except MappingError as err:
-                    raise CheckpointError(hf_dir, str(err)) from None
-                piece = shard(full, tensor, key)
-                if piece.shape != tensor.shape:
-                    shard_file, _ = reader.where(sources[0])
-                    raise CheckpointError(os.path.join(hf_dir, shard_file),
-                                          f"{sources[0]} gives {key} the shape "
-                                          f"{list(piece.shape)} on this rank, the model needs "
-                                          f"{list(tensor.shape)} (config.json does not match "
-                                          "the weights)")
-                tensor.copy_(piece)
+        load_shards(chunk, full_tensor)
+    except CheckpointError:  # a missing or unreadable tensor, named by the reader
+        raise
+    except ValueError as err:  # a shard of another shape: config.json and weights disagree
+        raise CheckpointError(os.path.join(hf_dir, "config.json"),
+                              f"does not match the weights: {err}") from None
     finally:
         reader.close()

@@ -4,14 +4,15 @@ A model chunk's state dict uses local layer and expert indices and holds TP / ex
 `global_key` renames a local key to the full key of `hf_mapping`; `shard` cuts a full tensor
 down to this rank's piece using the partition attributes Megatron-Core puts on parameters
 (`tensor_model_parallel`, `partition_dim`; expert parameters use the expert-TP rank).
-`load_full_state_dict` fills a chunk from a full state dict; tests use `shard` to compare
+`load_shards` fills a chunk from full tensors made on demand (`load_full_state_dict`: from a
+full state dict); tests use `shard` to compare
 gradients of any layout against a single-process run. The stacked weights of grouped experts
 (``mlp.experts.weight{1,2}`` [E_local, ...]) appear as one entry per expert under
 `SequentialMLP`'s full keys, so every backend maps to the same full state dict.
 """
 
 import re
-from typing import Dict, Iterator, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 
@@ -102,18 +103,27 @@ def local_tensors(chunk: torch.nn.Module) -> Iterator[Tuple[str, str, torch.Tens
         yield key, full, tensor
 
 
-def load_full_state_dict(chunk: torch.nn.Module, full: Mapping[str, torch.Tensor]) -> None:
-    """Copy the matching shards of a full state dict into `chunk`; every tensor must be found."""
+def load_shards(chunk: torch.nn.Module, full_tensor: Callable[[str, str], torch.Tensor]) -> None:
+    """Copy into every tensor of `chunk` its shard of `full_tensor(full key, local key)`, one
+    full tensor at a time; a shard of another shape is a ValueError naming the key."""
     with torch.no_grad():
         for local_key, key, tensor in local_tensors(chunk):
-            if key not in full:
-                raise KeyError(f"full state dict has no {key!r} (needed for {local_key!r})")
-            piece = shard(full[key], tensor, key)
+            piece = shard(full_tensor(key, local_key), tensor, key)
             if piece.shape != tensor.shape:
                 raise ValueError(
                     f"{key}: shard shape {tuple(piece.shape)} != parameter {tuple(tensor.shape)}"
                 )
             tensor.copy_(piece)
+
+
+def load_full_state_dict(chunk: torch.nn.Module, full: Mapping[str, torch.Tensor]) -> None:
+    """Copy the matching shards of a full state dict into `chunk`; every tensor must be found."""
+    def lookup(key: str, local_key: str) -> torch.Tensor:
+        if key not in full:
+            raise KeyError(f"full state dict has no {key!r} (needed for {local_key!r})")
+        return full[key]
+
+    load_shards(chunk, lookup)
 
 
 def local_grads(chunk: torch.nn.Module) -> Dict[str, torch.Tensor]:
