@@ -155,6 +155,33 @@ def recompute_rows(out: str, dry: bool) -> List[Dict]:
     return rows
 
 
+def sft_rows(out: str, dry: bool) -> List[Dict]:
+    """The SFT workload (many short conversations, a long tail to 8K): the planner under the
+    budget on every step and >= 1.2x static recompute's tokens/s; `none` over the budget
+    (otherwise the budget does not bind and the comparison says nothing). On CPU the budget
+    checks use the planner's predictions; on the GPU the allocator's peak of every step."""
+    report = _report(out, "sft_bench.json")
+    if report is None:
+        return [_row("sft_bench.json", None, "written", False)]
+    results = report["results"]
+    key, how = ("steps_over_budget_predicted", "predicted") if dry else \
+        ("steps_over_budget_cuda", "allocator peak")
+    planner, none = results.get("planner", {}), results.get("none", {})
+    rows = []
+    over = planner.get(key)
+    rows.append(_row(f"planner steps over budget ({how})", over,
+                     f"0 of {planner.get('steps_checked')}", None if over is None else over == 0))
+    ratio = report.get("speedup", {}).get("planner_over_static_common")
+    rows.append(_row("planner / static tokens/s", ratio, ">= 1.2",
+                     None if dry or ratio is None else ratio >= 1.2))
+    rows.append(_row("planner tokens/s (real tokens)", planner.get("common_tokens_per_s"),
+                     "reported", None))
+    over = none.get(key)
+    rows.append(_row(f"no-recompute steps over budget ({how})", over, ">= 1 (the budget binds)",
+                     None if over is None else over >= 1))
+    return rows
+
+
 def _log_values(log: str, key: str) -> List[float]:
     values = []
     for line in log.splitlines():
@@ -235,6 +262,16 @@ def steps(out: str) -> List[Dict]:
                         "--max-seq", "128", "--steps", "4", "--micro-batches", "2",
                         "--budget-gb", "0.012", "--bucket", "32", "--warmup", "1",
                         "--out", f"{out}/recompute_bench.json")),
+        dict(name="sft", limit_s=150, rows=sft_rows,
+             gpu=_bench("sft_bench.py", "--model", "dots-mini", "--vocab-size", "32000",
+                        "--max-seq", "8192", "--budget-gb", "50", "--global-batch", "16",
+                        "--steps", "8", "--warmup", "1", "--markdown",
+                        "--out", f"{out}/sft_bench.json"),
+             dry=_bench("sft_bench.py", "--model", "dots-tiny", "--max-seq", "256",
+                        "--median", "40", "--tail-min", "96", "--pad-multiple", "16",
+                        "--global-batch", "8", "--micro-batch-size", "2", "--steps", "4",
+                        "--warmup", "1", "--budget-gb", "0.02", "--bucket", "32",
+                        "--out", f"{out}/sft_bench.json")),
         dict(name="pretrain", limit_s=150, rows=pretrain_rows,
              gpu=[PY, os.path.join(ROOT, "examples", "pretrain_dots.py"), "--dots-model",
                   "dots-mini", "--micro-batch-size", "1", "--global-batch-size", "8",

@@ -78,6 +78,19 @@ def make_batches(lengths: Sequence[int], step: int, args, vocab: int, device) ->
     ]
 
 
+def uniform_step_batches(args, vocab: int, device):
+    """`run_strategy`'s `step_batches` for this workload: (step, lengths) -> (micro-batches,
+    the step's sequence length for the schedule, fields of the step's record (``tokens``: the
+    tokens counted by tokens/s), a label for the log)."""
+
+    def step_batches(step: int, lengths: Sequence[int]):
+        batches = make_batches(lengths, step, args, vocab, device)
+        tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
+        return batches, max(lengths), {"seq": list(lengths), "tokens": tokens}, f"seq {lengths}"
+
+    return step_batches
+
+
 # -- fixed recompute ("static", "full", "none") -------------------------------------------------
 class FixedRecompute:
     """The controller's interface to `training.step.forward_backward` with the same layer modes
@@ -106,29 +119,43 @@ class FixedRecompute:
         return None
 
 
-def static_block_layers(ctl, args) -> Dict[str, object]:
-    """Smallest N such that full recompute of the first N layers of every chunk is predicted
-    (fitted memory model, planner margin, schedule peak) to fit a step of max-length
-    micro-batches into the activation budget."""
+def predicted_step_peak(ctl, modes_per_chunk: Sequence[Sequence[str]], shapes,
+                        bucket_tokens: int) -> float:
+    """The planner's prediction (fitted memory model, its safety margin, the schedule's peak) of
+    the activation peak of a step whose micro-batches have `shapes` (`MicroBatchShape`s, bucketed
+    to `bucket_tokens` as the planner does) and all run the layer modes `modes_per_chunk`."""
     from megatron_dots.recompute.planner import ItemPlan, simulate_peak
-    from megatron_dots.recompute.shapes import MicroBatchShape, bucket
+    from megatron_dots.recompute.shapes import bucket
 
-    shape = bucket(MicroBatchShape(args.micro_batch_size, args.max_seq), args.bucket)
     scale = 1.0 + ctl.planner.margin
-    events = ctl._events(args.micro_batches)
-    layers = [len(layout.layer_kinds) for layout in ctl.layouts]
-    predicted = {}
-    for n in range(max(layers) + 1):
+    rows: Dict[object, tuple] = {}
+    for shape in {bucket(s, bucket_tokens) for s in shapes}:
         items = []
-        for chunk, layout in enumerate(ctl.layouts):
-            modes = ["full" if i < n else "none" for i in range(len(layout.layer_kinds))]
+        for chunk, (layout, modes) in enumerate(zip(ctl.layouts, modes_per_chunk)):
             live = ctl.predicted_bytes(chunk, modes, shape) * scale
             transient = max(
                 [ctl.model.layer_bytes(k, m, shape)[1] * scale for k, m in zip(layout.layer_kinds, modes)]
                 + [0.0]
             )
             items.append(ItemPlan(tuple(modes), live, transient, 0.0))
-        peak = simulate_peak(events, [tuple(items)] * args.micro_batches)
+        rows[shape] = tuple(items)
+    return simulate_peak(ctl._events(len(shapes)), [rows[bucket(s, bucket_tokens)] for s in shapes])
+
+
+def static_block_layers(ctl, micro_batch_size: int, seq_length: int, micro_batches: int,
+                        bucket_tokens: int) -> Dict[str, object]:
+    """Smallest N such that full recompute of the first N layers of every chunk is predicted
+    (`predicted_step_peak`: fitted memory model, planner margin, schedule peak) to fit a step
+    of `micro_batches` micro-batches of `micro_batch_size` x `seq_length` tokens (the longest
+    micro-batch) into the activation budget."""
+    from megatron_dots.recompute.shapes import MicroBatchShape, bucket
+
+    shape = bucket(MicroBatchShape(micro_batch_size, seq_length), bucket_tokens)
+    layers = [len(layout.layer_kinds) for layout in ctl.layouts]
+    predicted = {}
+    for n in range(max(layers) + 1):
+        modes = [["full" if i < n else "none" for i in range(k)] for k in layers]
+        peak = predicted_step_peak(ctl, modes, [shape] * micro_batches, bucket_tokens)
         predicted[n] = peak
         if peak <= ctl.planner.budget:
             return {"layers": n, "predicted_peak": peak, "fits": True, "shape_seq": shape.seq_length,
@@ -138,28 +165,31 @@ def static_block_layers(ctl, args) -> Dict[str, object]:
 
 
 # -- running ----------------------------------------------------------------------------------
-def run_strategy(name, recompute, chunks, optimizer, workload, args, vocab, device, ctl=None):
-    """Run every step of the workload; per-step records (a CUDA OOM ends the strategy)."""
+def run_strategy(name, recompute, chunks, optimizer, workload, args, vocab, device, ctl=None,
+                 step_batches=None):
+    """Run every step of the workload; per-step records (a CUDA OOM ends the strategy).
+    `step_batches(step, workload[step])` makes a step's micro-batches (default:
+    `uniform_step_batches`)."""
     from megatron_dots.training.step import train_step
 
+    step_batches = step_batches or uniform_step_batches(args, vocab, device)
     free_memory(device)
     records = []
-    for step, lengths in enumerate(workload):
-        batches = make_batches(lengths, step, args, vocab, device)
-        tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
+    for step, spec in enumerate(workload):
+        batches, seq_length, fields, label = step_batches(step, spec)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         sync(device)
         oom = False
         start = time.perf_counter()
         try:
-            loss = train_step(chunks, optimizer, batches, max(lengths), args.micro_batch_size,
+            loss = train_step(chunks, optimizer, batches, seq_length, args.micro_batch_size,
                               recompute=recompute).loss
             sync(device)
         except torch.OutOfMemoryError:
             oom = True
         seconds = time.perf_counter() - start
-        record = {"step": step, "seq": list(lengths), "tokens": tokens}
+        record = {"step": step, **fields}
         if oom:
             # The controller's plan was never closed; leave the layers in a clean state.
             if ctl is not None:
@@ -168,13 +198,13 @@ def run_strategy(name, recompute, chunks, optimizer, workload, args, vocab, devi
             free_memory(device)
             record["oom"] = True
             records.append(record)
-            print(f"[{name}] step {step} seq {lengths}: CUDA OOM; strategy stopped", flush=True)
+            print(f"[{name}] step {step} {label}: CUDA OOM; strategy stopped", flush=True)
             break
         record.update(seconds=seconds, loss=loss)
         # Read after the step (the controller resets the peak in begin_step): forward,
         # backward and the optimizer step of this step.
         record["peak_allocated"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        line = f"[{name}] step {step} seq {lengths}: {1000 * seconds:.0f} ms, loss {loss:.3f}"
+        line = f"[{name}] step {step} {label}: {1000 * seconds:.0f} ms, loss {loss:.3f}"
         if record["peak_allocated"] is not None:
             line += f", peak {record['peak_allocated'] / GIB:.2f} GiB"
         if ctl is not None:
@@ -190,15 +220,110 @@ def run_strategy(name, recompute, chunks, optimizer, workload, args, vocab, devi
     return records
 
 
-def summarize(name, records, args, common_steps, budget_bytes, extra=None):
+def run_strategies(strategies, chunks, cfg, optimizer, workload, args, vocab, device, budget,
+                   static_shape, step_batches=None, prepare_planner=None):
+    """Run each strategy of `strategies` over `workload` in turn (see the module docstring).
+    `static_shape` = (micro-batch size, sequence length, micro-batches per step): the step of
+    longest micro-batches ``static`` must fit. `prepare_planner(ctl)` runs once the planner's
+    `RecomputeController` is built, before its first step. Returns (records per strategy that
+    ran, results of strategies skipped, the controller or None, static's choice or None, the
+    common steps)."""
+    from megatron_dots.recompute import RecomputeController
+    from megatron_dots.recompute.layer import decoder_layers
+
+    layer_counts = [len(decoder_layers(c)) for c in chunks]
+    skipped: Dict[str, dict] = {}
+    ctl: Optional[RecomputeController] = None
+    common_steps = set(range(args.warmup, args.steps))
+    static_choice = None
+    runs = {}
+    for name in strategies:
+        if name == "planner":
+            ctl = RecomputeController(chunks, cfg, budget, bucket_tokens=args.bucket)
+            print(f"\n== planner (memory model: {ctl.model.attention} attention, bucket "
+                  f"{args.bucket} tokens)")
+            if prepare_planner is not None:
+                prepare_planner(ctl)
+            records = run_strategy(name, ctl, chunks, optimizer, workload, args, vocab, device, ctl,
+                                   step_batches=step_batches)
+            common_steps -= {r["step"] for r in records if r.get("calibration")}
+            runs[name] = records
+            continue
+        if name == "static":
+            if not ctl.model.samples:
+                skipped[name] = {"status": "skipped", "reason": "the planner measured nothing"}
+                continue
+            static_choice = static_block_layers(ctl, *static_shape, args.bucket)
+            n = static_choice["layers"]
+            print(f"\n== static: full recompute of the first {n} of {max(layer_counts)} layers "
+                  f"(predicted peak {static_choice['predicted_peak'] / GIB:.3f} GiB of "
+                  f"{budget / GIB:.3f} GiB for seq {static_choice['shape_seq']}"
+                  f"{'' if static_choice['fits'] else ', does NOT fit'})")
+            modes = [["full" if i < n else "none" for i in range(k)] for k in layer_counts]
+        else:
+            print(f"\n== {name}")
+            modes = [[name] * k for k in layer_counts]
+        runs[name] = run_strategy(name, FixedRecompute(chunks, modes), chunks, optimizer,
+                                  workload, args, vocab, device, step_batches=step_batches)
+    return runs, skipped, ctl, static_choice, common_steps
+
+
+def strategy_extra(name, records, args, ctl, static_choice, layer_counts) -> dict:
+    """What a strategy's summary adds to `summarize`'s: the planner's calibration, prediction
+    error and plans; static's layer count and predicted peaks; the recomputed layer share."""
+    if name == "planner":
+        cal = [r for r in records if r.get("calibration")]
+        planned = [r for r in records if not r.get("calibration") and not r.get("oom")]
+        timed_all = [r for r in records if r["step"] >= args.warmup and not r.get("oom")]
+        secs_all = sum(r["seconds"] for r in timed_all)
+        errors = [r["max_prediction_error"] for r in planned if "max_prediction_error" in r]
+        shares = [r["recomputed_layer_share"] for r in planned
+                  if r["step"] >= args.warmup and "recomputed_layer_share" in r]
+        return {
+            "calibration_steps": [r["step"] for r in cal],
+            "calibration_mean_step_ms": (1000 * sum(r["seconds"] for r in cal) / len(cal)
+                                         if cal and not any(r.get("oom") for r in cal) else None),
+            "tokens_per_s_incl_calibration": (sum(r["tokens"] for r in timed_all) / secs_all
+                                              if secs_all > 0 else None),
+            "recomputed_layer_share": sum(shares) / len(shares) if shares else None,
+            "max_prediction_error": max(errors) if errors else None,
+            "max_predicted_peak_gib": max((r["predicted_peak"] for r in planned), default=0) / GIB
+            if planned else None,
+            "all_plans_fit": all(r.get("fits", True) for r in planned),
+            "memory_model": ctl.model.describe(),
+            "plan_cache": {"hits": ctl.planner.cache_hits, "misses": ctl.planner.cache_misses},
+        }
+    if name == "static":
+        return {"recomputed_layer_share": static_choice["layers"] / max(layer_counts),
+                "block_layers": static_choice["layers"],
+                "predicted_peak_gib": static_choice["predicted_peak"] / GIB,
+                "predicted_fits": static_choice["fits"],
+                "predicted_peak_gib_by_layers": {str(k): v / GIB for k, v in
+                                                 static_choice["predicted_by_n"].items()}}
+    return {"recomputed_layer_share": 1.0 if name == "full" else 0.0}
+
+
+def summarize_runs(runs, skipped, args, ctl, static_choice, layer_counts, common_steps, budget,
+                   counts=()) -> Dict[str, dict]:
+    """`summarize` + `strategy_extra` per strategy that ran, after those skipped."""
+    results: Dict[str, dict] = dict(skipped)
+    for name, records in runs.items():
+        extra = strategy_extra(name, records, args, ctl, static_choice, layer_counts)
+        results[name] = summarize(name, records, args, common_steps, budget, extra, counts)
+    return results
+
+
+def summarize(name, records, args, common_steps, budget_bytes, extra=None, counts=()):
+    """A strategy's summary. Rates count each record's ``tokens``; each key of `counts` (e.g.
+    ``padded_tokens``) adds ``{key}_per_s`` and ``common_{key}_per_s`` over the same steps."""
     timed = [r for r in records if r["step"] >= args.warmup and not r.get("oom")
              and not r.get("calibration")]
     common = [r for r in timed if r["step"] in common_steps]
     oom = any(r.get("oom") for r in records)
 
-    def rate(rs):
+    def rate(rs, key="tokens"):
         secs = sum(r["seconds"] for r in rs)
-        return (sum(r["tokens"] for r in rs) / secs) if rs and secs > 0 else None
+        return (sum(r[key] for r in rs) / secs) if rs and secs > 0 else None
 
     def mean_ms(rs):
         return 1000 * sum(r["seconds"] for r in rs) / len(rs) if rs else None
@@ -216,6 +341,9 @@ def summarize(name, records, args, common_steps, budget_bytes, extra=None):
         "peak_allocated_gib": peak / GIB if peak is not None else None,
         "peak_within_budget": (peak <= args.budget_gb * GIB) if peak is not None else None,
     }
+    for key in counts:
+        out[f"{key}_per_s"] = rate(timed, key)
+        out[f"common_{key}_per_s"] = None if oom else rate(common, key)
     if extra:
         out.update(extra)
     out["steps"] = records
@@ -251,9 +379,11 @@ HEADER = ["strategy", "status", "tokens/s (common)", "step ms (common)", "tokens
           "peak GiB", "peak <= budget", "recomputed layers", "max pred. error"]
 
 
-def print_table(results):
-    rows = [HEADER] + table_rows(results)
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(HEADER))]
+def print_table(results, header=None, body=None):
+    """`results` as an aligned text table (default: `HEADER` and `table_rows`)."""
+    header = header or HEADER
+    rows = [header] + (table_rows(results) if body is None else body)
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
     for k, row in enumerate(rows):
         print("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
         if k == 0:
@@ -304,7 +434,7 @@ def main(argv=None):
     if args.min_seq < 1 or args.max_seq < args.min_seq:
         parser.error("need 1 <= --min-seq <= --max-seq")
 
-    from megatron_dots.recompute import RecomputeController, activation_budget, static_bytes
+    from megatron_dots.recompute import activation_budget, static_bytes
     from megatron_dots.recompute.layer import decoder_layers
 
     t0 = time.time()
@@ -319,72 +449,11 @@ def main(argv=None):
     workload = draw_workload(args)
     vocab = dc.vocab_size
     layer_counts = [len(decoder_layers(c)) for c in chunks]
-
-    results: Dict[str, dict] = {}
-    ctl: Optional[RecomputeController] = None
-    common_steps = set(range(args.warmup, args.steps))
-    static_choice = None
-    runs = {}
-    for name in strategies:
-        if name == "planner":
-            ctl = RecomputeController(chunks, cfg, budget, bucket_tokens=args.bucket)
-            print(f"\n== planner (memory model: {ctl.model.attention} attention, bucket "
-                  f"{args.bucket} tokens)")
-            records = run_strategy(name, ctl, chunks, optimizer, workload, args, vocab, device, ctl)
-            common_steps -= {r["step"] for r in records if r.get("calibration")}
-            runs[name] = records
-            continue
-        if name == "static":
-            if not ctl.model.samples:
-                results[name] = {"status": "skipped", "reason": "the planner measured nothing"}
-                continue
-            static_choice = static_block_layers(ctl, args)
-            n = static_choice["layers"]
-            print(f"\n== static: full recompute of the first {n} of {max(layer_counts)} layers "
-                  f"(predicted peak {static_choice['predicted_peak'] / GIB:.3f} GiB of "
-                  f"{budget / GIB:.3f} GiB for seq {static_choice['shape_seq']}"
-                  f"{'' if static_choice['fits'] else ', does NOT fit'})")
-            modes = [["full" if i < n else "none" for i in range(k)] for k in layer_counts]
-        else:
-            print(f"\n== {name}")
-            modes = [[name] * k for k in layer_counts]
-        runs[name] = run_strategy(name, FixedRecompute(chunks, modes), chunks, optimizer,
-                                  workload, args, vocab, device)
-
-    for name, records in runs.items():
-        extra = {}
-        if name == "planner":
-            cal = [r for r in records if r.get("calibration")]
-            planned = [r for r in records if not r.get("calibration") and not r.get("oom")]
-            timed_all = [r for r in records if r["step"] >= args.warmup and not r.get("oom")]
-            secs_all = sum(r["seconds"] for r in timed_all)
-            errors = [r["max_prediction_error"] for r in planned if "max_prediction_error" in r]
-            shares = [r["recomputed_layer_share"] for r in planned
-                      if r["step"] >= args.warmup and "recomputed_layer_share" in r]
-            extra = {
-                "calibration_steps": [r["step"] for r in cal],
-                "calibration_mean_step_ms": (1000 * sum(r["seconds"] for r in cal) / len(cal)
-                                             if cal and not any(r.get("oom") for r in cal) else None),
-                "tokens_per_s_incl_calibration": (sum(r["tokens"] for r in timed_all) / secs_all
-                                                  if secs_all > 0 else None),
-                "recomputed_layer_share": sum(shares) / len(shares) if shares else None,
-                "max_prediction_error": max(errors) if errors else None,
-                "max_predicted_peak_gib": max((r["predicted_peak"] for r in planned), default=0) / GIB
-                if planned else None,
-                "all_plans_fit": all(r.get("fits", True) for r in planned),
-                "memory_model": ctl.model.describe(),
-                "plan_cache": {"hits": ctl.planner.cache_hits, "misses": ctl.planner.cache_misses},
-            }
-        elif name == "static":
-            extra = {"recomputed_layer_share": static_choice["layers"] / max(layer_counts),
-                     "block_layers": static_choice["layers"],
-                     "predicted_peak_gib": static_choice["predicted_peak"] / GIB,
-                     "predicted_fits": static_choice["fits"],
-                     "predicted_peak_gib_by_layers": {str(k): v / GIB for k, v in
-                                                      static_choice["predicted_by_n"].items()}}
-        else:
-            extra = {"recomputed_layer_share": 1.0 if name == "full" else 0.0}
-        results[name] = summarize(name, records, args, common_steps, budget, extra)
+    runs, skipped, ctl, static_choice, common_steps = run_strategies(
+        strategies, chunks, cfg, optimizer, workload, args, vocab, device, budget,
+        static_shape=(args.micro_batch_size, args.max_seq, args.micro_batches))
+    results = summarize_runs(runs, skipped, args, ctl, static_choice, layer_counts, common_steps,
+                             budget)
 
     print(f"\nrecompute benchmark: {args.model}, {dtype}, budget {args.budget_gb:g} GiB "
           f"(activations {budget / GIB:.3f} GiB), {args.steps} steps x {args.micro_batches} "

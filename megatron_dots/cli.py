@@ -142,6 +142,18 @@ def _pretrain(argv) -> int:
     return main(argv)
 
 
+def _sft(argv) -> int:
+    from .sft.main import main
+
+    return main(argv)
+
+
+def _sft_preprocess(argv) -> int:
+    from .sft.prepare_cli import main
+
+    return main(argv)
+
+
 def _preprocess(argv) -> int:
     from .data.preprocess import main
 
@@ -193,6 +205,10 @@ COMMANDS = {
                 "ablate-shared: loss without the shared / routed experts"),
     "pretrain": (_pretrain, "train with Megatron-LM flags plus --dots-* (torchrun for many "
                  "processes)"),
+    "sft": (_sft, "supervised fine-tuning on chat JSONL: loss on assistant tokens, "
+            "variable-length micro-batches; pretrain's flags otherwise"),
+    "sft-preprocess": (_sft_preprocess, "chat JSONL -> token ids + assistant loss masks with "
+                       "the chat template (what sft caches)"),
     "preprocess": (_preprocess, "JSONL -> Megatron indexed dataset (.bin/.idx), multiprocess"),
     "plot-experts": (_plot_experts, "expert-load CSV -> PNG heatmap (layer x expert), or with "
                      "--over-time each layer's max share and imbalance against iteration"),

@@ -23,22 +23,28 @@ def flags(data, out, **changes):
         "vocab_size": VOCAB, "log_interval": 5, "eval_interval": 10, "eval_iters": 1,
     }
     values.update(changes)
-    args = ["--data-path", "0.6", data[0], "0.4", data[1]]
+    return ["--data-path", "0.6", data[0], "0.4", data[1]] + as_flags(values)
+
+
+def as_flags(values):
+    """`{"micro_batch_size": 2, "bf16": True}` -> ["--micro-batch-size", "2", "--bf16"];
+    None and False drop a flag."""
+    args = []
     for key, value in values.items():
         flag = "--" + key.replace("_", "-")
         if value is True:
             args.append(flag)
-        elif value is not None:
+        elif value is not None and value is not False:
             args += [flag, str(value)]
     return args
 
 
-def run(args, nproc=1, timeout=300, returncode=0):
+def run(args, nproc=1, timeout=300, returncode=0, script=EXAMPLE):
     """Run the example (torchrun when `nproc` > 1); fails the test on another exit code."""
     if nproc > 1:
-        proc = torchrun(EXAMPLE, nproc, *args, timeout=timeout)
+        proc = torchrun(script, nproc, *args, timeout=timeout)
     else:
-        proc = subprocess.run([sys.executable, EXAMPLE, *args], cwd=REPO_ROOT, env=_env(),
+        proc = subprocess.run([sys.executable, script, *args], cwd=REPO_ROOT, env=_env(),
                               capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == returncode, describe(proc)
     return proc

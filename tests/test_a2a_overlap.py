@@ -8,6 +8,7 @@ silent fallback to the plain path cannot pass.
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -169,17 +170,31 @@ def test_emulated_all_to_all_bench_smoke(tmp_path):
     assert "| overlap-delay-wgrad |" in proc.stdout
 
 
-def test_recompute_planner_is_refused_with_the_overlap(seeded):
-    """The planner recomputes whole layers (or their attention / MLP); the overlap schedule
-    runs a layer as separate nodes, so the combination fails clearly instead of silently
-    recomputing nothing."""
+def test_recompute_planner_is_accepted_and_node_modes_are_checked(seeded):
+    """--dots-recompute-budget-gb works with --dots-a2a-overlap (delayed wgrad too: the planner's
+    calibration steps flush it); what the overlap schedule's layer nodes cannot honour (an MoE
+    block or whole-layer checkpoint) is refused where a mode would be applied, naming why.
+    Training equal to the plain schedule: tests/test_recompute.py (torchrun)."""
+    from types import SimpleNamespace
+
     from megatron_dots.model import build_dots_model
-    from megatron_dots.training.step import forward_backward
+    from megatron_dots.recompute.layer import decoder_layers
+    from megatron_dots.training.arguments import _check_a2a_overlap_args
+
+    _check_a2a_overlap_args(SimpleNamespace(dots_a2a_overlap=True, dots_recompute_budget_gb=8.0,
+                                            delay_wgrad_compute=True), ep=2, pp=1, vpp=None)
 
     cfg = DotsConfig.preset("dots-tiny", num_layers=2)
-    config = cfg.to_transformer_config(params_dtype=torch.float32)
-    config.overlap_moe_expert_parallel_comm = True  # as enable_a2a_overlap sets it (EP > 1)
-    model = build_dots_model(cfg, config)
-    with pytest.raises(ValueError, match="recompute planner does not support"):
-        forward_backward([model], [torch.zeros(1, 9, dtype=torch.long)], 8, 1,
-                         forward_only=True, recompute=object())
+    model = build_dots_model(cfg, cfg.to_transformer_config(params_dtype=torch.float32))
+    dense, moe = decoder_layers(model)
+    assert (dense.kind, moe.kind) == ("dense", "moe")
+    for layer, mode in ((moe, "mlp"), (moe, "core_attn+mlp"), (moe, "full"), (dense, "full")):
+        message = f"{mode!r} cannot apply to a {layer.kind} layer under the all-to-all overlap"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            layer.apply_node_mode(mode)
+    dense.apply_node_mode("core_attn+mlp")
+    moe.apply_node_mode("core_attn")
+    assert dense.recompute_mlp and dense.self_attention.checkpoint_core_attention
+    assert moe.self_attention.checkpoint_core_attention and not moe.mlp.moe_layer_recompute
+    with pytest.raises(RuntimeError, match="its input needs no gradient"):
+        moe.flush_delayed_wgrad(torch.zeros(3))

@@ -93,8 +93,6 @@ def test_valid_flags_fill_derived_values():
     (["--overlap-moe-expert-parallel-comm", "--expert-model-parallel-size", "2",
       "--pipeline-model-parallel-size", "2", "--global-batch-size", "8"], 4,
      ["--dots-a2a-overlap", "--num-layers-per-virtual-pipeline-stage"]),
-    (["--dots-a2a-overlap", "--expert-model-parallel-size", "2", "--dots-recompute-budget-gb",
-      "8"], 2, ["--dots-recompute-budget-gb is not supported with it"]),
 ])
 def test_bad_combinations_name_the_flags(argv, world, needles):
     message = error(argv, world)

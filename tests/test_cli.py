@@ -66,6 +66,19 @@ def test_demo_trains_resumes_plots_and_matches_transformers(tmp_path):
     assert sorted(summary["final_max_share"]) == ["2", "3", "4"]
     assert "expert load at iteration 60: max share layer 2" in out.stdout
 
+    # The SFT example on the demo's model: fine-tune, export, chat through transformers.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sft = subprocess.run([sys.executable, os.path.join(root, "examples", "sft_demo_model.py"),
+                          str(tmp_path), "--steps", "12"], capture_output=True, text=True,
+                         timeout=600, env=dict(os.environ, MEGATRON_DOTS_QUIET="1",
+                                               PYTHONPATH=root))
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    assert sft.stdout.count("  Assistant: ") == 4, sft.stdout[-2000:]
+    rows = (tmp_path / "sft" / "ckpt" / "losses.csv").read_text().splitlines()[1:]
+    sft_losses = [float(r.split(",")[1]) for r in rows]
+    assert len(sft_losses) == 12 and sum(sft_losses[-3:]) < sum(sft_losses[:3]), sft_losses
+    assert (tmp_path / "sft" / "hf" / "chat_template.jinja").exists()
+
 
 def test_import_prints_one_informative_line():
     env = {k: v for k, v in os.environ.items() if k not in ("MEGATRON_DOTS_QUIET", "RANK")}

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from launch import REPO_ROOT, _env
 
@@ -15,7 +16,7 @@ sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
 
 import gpu_suite  # noqa: E402
 
-STEPS = ["layer_bench", "grouped_vs_sequential", "a2a_overlap", "recompute", "pretrain",
+STEPS = ["layer_bench", "grouped_vs_sequential", "a2a_overlap", "recompute", "sft", "pretrain",
          "a2a_timing", "analysis", "megatron_lm"]
 
 
@@ -49,6 +50,16 @@ def test_dry_run_runs_every_step(tmp_path):
     assert "training ended at iteration 3" in log
     for name in ("a2a_overlap.json", "recompute_bench.json"):
         assert json.loads((tmp_path / name).read_text())["results"]
+    # The SFT workload ran every strategy on padded variable-length micro-batches; the planner
+    # is predicted to fit every step and `none` not to (the smoke budget binds).
+    sft = json.loads((tmp_path / "sft_bench.json").read_text())
+    assert list(sft["results"]) == ["planner", "static", "full", "none"]
+    for name, result in sft["results"].items():
+        assert result["status"] == "ok" and result["common_tokens_per_s"] > 0, name
+        assert result["common_padded_tokens_per_s"] > result["common_tokens_per_s"], name
+    assert sft["results"]["planner"]["steps_over_budget_predicted"] == 0
+    assert sft["results"]["none"]["steps_over_budget_predicted"] >= 1
+    assert sft["speedup"]["planner_over_static_common"] > 0
     # --dots-a2a-timing ran in both schedules (torchrun, gloo, EP 2) and reported its shares.
     timing = json.loads((tmp_path / "a2a_timing.json").read_text())["results"]
     assert list(timing) == ["plain", "overlap"]
@@ -81,3 +92,35 @@ def test_a_failing_or_hanging_step_is_recorded_and_the_suite_goes_on(tmp_path):
                              plan=plan[2:])
     late = json.loads((tmp_path / "late" / "gpu_suite.json").read_text())["steps"]
     assert no_time == 1 and late["works"]["status"] == "not started (suite budget spent)"
+
+
+def test_sft_workload_pads_each_micro_batch_to_its_own_longest_conversation():
+    import argparse
+
+    import sft_bench
+
+    args = argparse.Namespace(seed=7, steps=50, global_batch=16, micro_batch_size=4,
+                              length_grouped=False, tail_share=0.15, tail_min=2048,
+                              max_seq=8192, min_seq=16, median=400.0, sigma=0.7, pad_multiple=64)
+    workload = sft_bench.draw_workload(args)
+    lengths = [n for step in workload for mb in step for n in mb]
+    assert all(len(step) == 4 and all(len(mb) == 4 for mb in step) for step in workload)
+    assert min(lengths) >= 16 and max(lengths) <= 8192
+    dist = sft_bench.describe_workload(workload, args)
+    assert 250 <= dist["length_percentiles"]["p50"] <= 700  # many short conversations
+    assert 0.05 <= dist["share_at_least_tail_min"] <= 0.25  # and a long tail
+    assert dist["token_share_at_least_tail_min"] > 0.4
+    grouped = sft_bench.describe_workload(
+        sft_bench.draw_workload(argparse.Namespace(**{**vars(args), "length_grouped": True})), args)
+    assert grouped["real_over_padded_tokens"] > dist["real_over_padded_tokens"]
+
+    step_batches = sft_bench.sft_step_batches(args, 1000, torch.device("cpu"))
+    batches, seq, fields, _ = step_batches(0, workload[0])
+    for batch, mb, s in zip(batches, workload[0], fields["seq"]):
+        assert s % 64 == 0 and max(mb) <= s < max(mb) + 64
+        assert set(batch) == {"tokens", "labels", "loss_mask", "position_ids"}
+        assert all(t.shape == (4, s) for t in batch.values())
+        assert batch["loss_mask"].sum(dim=1).tolist() == [float(n) for n in mb]
+        assert (batch["tokens"][batch["loss_mask"] == 0] == sft_bench.PAD_ID).all()
+    assert seq == max(fields["seq"]) and fields["tokens"] == sum(map(sum, workload[0]))
+    assert fields["padded_tokens"] == sum(4 * s for s in fields["seq"])

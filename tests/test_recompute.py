@@ -1,6 +1,8 @@
 """The input-aware recompute planner (megatron_dots/recompute): memory model accuracy, plans
 that fit the budget and recompute the least, identical training with and without it
-(one process here; tensor-, expert- and pipeline-parallel layouts under torchrun)."""
+(one process here; tensor-, expert- and pipeline-parallel layouts under torchrun), and the
+planner under the all-to-all overlap schedule (restricted modes, the combined 1F1B's order,
+training equal to the plain schedule without recompute)."""
 
 import json
 
@@ -9,6 +11,7 @@ import torch
 
 from launch import torchrun
 
+from megatron_dots.recompute.layer import MODES, NODE_PATH_MODES
 from megatron_dots.recompute.memory_model import ActivationMemoryModel
 from megatron_dots.recompute.planner import (
     ChunkLayout,
@@ -149,8 +152,33 @@ def test_evaluation_is_not_recomputed(tiny):
     assert len(ctl.history) == 1 and not ctl._counters
 
 
+def test_log_line_reports_modes_and_measured_bytes(tiny):
+    """The window summary and its log line say what was recomputed (layer passes per mode),
+    the predicted and the measured (saved-tensor) activation peak, and the calibration steps."""
+    from megatron_dots.training import forward_backward
+
+    dc, tc, build = tiny
+    chunks = build()
+    ctl = calibrated(tc, chunks, dc)
+    forced(ctl, "core_attn")
+    forward_backward(chunks, tokens(dc, 200, 9), 200, MBS, recompute=ctl)
+    record = ctl.history[-1]
+    assert 0 < record["measured_peak"] <= record["measured_total"]
+    # no pipelining: one micro-batch alive at a time
+    assert record["measured_peak"] == max(c.total() for c in ctl._counters.values())
+    window = ctl.take_window()
+    layers = 2 * len(ctl.layouts[0].layer_kinds)
+    assert window["calibration_steps"] == 3 and window["modes/core_attn"] == layers
+    assert window["measured_peak_gib"] * (1 << 30) == pytest.approx(record["measured_peak"])
+    line = ctl.describe(window)
+    assert "3 calibrating" in line and "layer passes recomputed 100%" in line
+    assert f"(core_attn {layers} of {layers})" in line
+    assert "predicted activation peak" in line and "measured saved-tensor peak" in line
+    assert "overlap" not in line
+
+
 # -- the planner on a synthetic memory model -------------------------------------------------
-def synthetic_planner(budget, layers=4, chunks=1):
+def synthetic_planner(budget, layers=4, chunks=1, kinds=None, allowed=None):
     model = ActivationMemoryModel("unfused")
     per_token = {"rest": 40, "attn_core": 8, "mlp": 60, "core_in": 12, "mlp_in": 8, "input": 8}
     for s in (128, 512, 1024):
@@ -158,11 +186,12 @@ def synthetic_planner(budget, layers=4, chunks=1):
         values = {q: v * s for q, v in per_token.items()}
         values["attn_core"] += 2 * s * s
         model.add("moe", shape, values)
+        model.add("dense", shape, dict(values, mlp=80 * s))
         model.add("chunk:pre+post", shape, {"outside": 100 * s})
     costs = RecomputeCosts(hidden=64, heads=4, kv_heads=4, head_dim=16, ffn=128, moe_ffn=32,
                            shared_ffn=64, experts=8, topk=2)
-    layout = [ChunkLayout(("moe",) * layers, "chunk:pre+post")] * chunks
-    return RecomputePlanner(model, costs, layout, budget, margin=0.0)
+    layout = [ChunkLayout(tuple(kinds or ("moe",) * layers), "chunk:pre+post")] * chunks
+    return RecomputePlanner(model, costs, layout, budget, margin=0.0, allowed_modes=allowed)
 
 
 def test_memory_model_fit_and_leave_one_out_error():
@@ -238,6 +267,79 @@ def test_schedule_events_follow_megatron(pp, vpp, m):
             assert max_in_flight(events) == min(m * vpp, warmup + 1)
 
 
+@pytest.mark.parametrize("pp,vpp,m", [(1, None, 1), (1, None, 5), (2, 2, 4), (4, 2, 8),
+                                      (2, 3, 6), (2, 2, 2)])
+def test_overlap_schedule_events_follow_the_combined_1f1b(pp, vpp, m):
+    """Megatron-Core's combined 1F1B: without pipelining F0, F(k+1) with B(k), the last B
+    alone (two micro-batches in flight); interleaved, one more warmup virtual micro-batch."""
+    for rank in range(pp):
+        events = schedule_events(m, pp, rank, vpp, overlap=True)
+        plain = schedule_events(m, pp, rank, vpp)
+        chunks = vpp or 1
+        assert sorted(events) == sorted(plain)  # the same passes, in another order
+        assert [e for e in events if e[0] == "F"] == [e for e in plain if e[0] == "F"]
+        assert [e for e in events if e[0] == "B"] == [e for e in plain if e[0] == "B"]
+        if vpp is None:
+            expected = [("F", 0, 0)]
+            for k in range(m - 1):
+                expected += [("F", k + 1, 0), ("B", k, 0)]
+            assert events == expected + [("B", m - 1, 0)]
+            assert max_in_flight(events) == min(m, 2) and max_in_flight(plain) == 1
+        else:
+            warmup = 2 * (pp - rank - 1) + (vpp - 1) * pp + 1
+            assert max_in_flight(events) == min(m * chunks, warmup + 1)
+            assert max_in_flight(events) == min(m * chunks, max_in_flight(plain) + 1)
+
+
+def test_overlap_schedule_needs_interleaving_with_pipelining():
+    with pytest.raises(ValueError, match="only interleaved"):
+        schedule_events(4, pp_size=2, pp_rank=0, overlap=True)
+
+
+def test_restricted_planner_uses_only_the_overlap_schedules_modes():
+    """Under the overlap schedule MoE layers may only recompute core attention and dense layers
+    anything but the whole layer: however tight the budget, no other mode is planned, and the
+    least memory the restricted modes reach is what an impossible budget gets."""
+    kinds = ("dense", "moe", "moe", "moe")
+    shapes = [MicroBatchShape(1, s) for s in (1024, 256, 1024, 512)]
+    events = schedule_events(len(shapes), overlap=True)
+    free = synthetic_planner(1e15, kinds=kinds, allowed=NODE_PATH_MODES).plan_step(shapes, events)
+    floor = synthetic_planner(1.0, kinds=kinds, allowed=NODE_PATH_MODES).plan_step(shapes, events)
+    assert free.recompute_flops == 0 and not floor.fits
+    for mb in range(len(shapes)):
+        assert floor.modes(mb, 0) == ("core_attn+mlp",) + ("core_attn",) * 3
+    unrestricted = synthetic_planner(1.0, kinds=kinds).plan_step(shapes, events)
+    assert set(unrestricted.modes(0, 0)) == {"full"}  # what the restriction rules out
+    seen = set()
+    for share in (0.9, 0.7, 0.5, 0.3):
+        budget = floor.predicted_peak + share * (free.predicted_peak - floor.predicted_peak)
+        plan = synthetic_planner(budget, kinds=kinds, allowed=NODE_PATH_MODES).plan_step(
+            shapes, events)
+        assert plan.fits and plan.predicted_peak <= budget
+        for row in plan.items:
+            for kind, mode in zip(kinds, row[0].modes):
+                assert mode in NODE_PATH_MODES[kind], (kind, mode)
+                seen.add((kind, mode))
+    assert ("moe", "core_attn") in seen and ("moe", "none") in seen
+
+
+def test_restrict_switches_modes_and_forgets_plans():
+    shapes = [MicroBatchShape(1, 1024)] * 2
+    events = schedule_events(2, overlap=True)
+    planner = synthetic_planner(1.0)
+    assert set(planner.plan_step(shapes, events).modes(0, 0)) == {"full"}
+    planner.restrict(NODE_PATH_MODES)
+    assert planner.modes_for("moe") == ("none", "core_attn")
+    assert set(planner.plan_step(shapes, events).modes(0, 0)) == {"core_attn"}
+    planner.restrict(None)
+    assert planner.modes_for("moe") == MODES
+    assert set(planner.plan_step(shapes, events).modes(0, 0)) == {"full"}
+    with pytest.raises(ValueError, match="must include 'none'"):
+        planner.restrict({"moe": ("core_attn",)})
+    with pytest.raises(ValueError, match="must include 'none'"):
+        planner.restrict({"moe": ("none", "everything")})
+
+
 def test_shapes_and_buckets():
     assert shape_of(torch.zeros(3, 65, dtype=torch.long)) == MicroBatchShape(3, 64)
     packed = {"tokens": torch.zeros(1, 10, dtype=torch.long),
@@ -276,3 +378,68 @@ def test_parallel_training_with_the_planner_equals_training_without(layout, tmp_
     if "--pp" not in layout:  # variable lengths: short micro-batches recompute nothing
         assert modes.get("none", 0) > 0, modes
     assert min(summary["calibrations"]) >= 1
+
+
+# -- the planner with the all-to-all overlap schedule (torchrun, gloo) ------------------------
+OVERLAP_CASES = {
+    # grouped experts: delayed expert wgrad, which calibration (plain schedule) must flush
+    "ep2-delay-wgrad": (2, ["--ep", "2", "--delay-wgrad", "--budget-share", "0.1"]),
+    # unfused attention: core_attn frees much; variable lengths mix recompute and none
+    "ep2-sequential": (2, ["--ep", "2", "--backend", "sequential", "--budget-share", "0.5"]),
+    "pp2-vpp2-ep2-delay-wgrad": (4, ["--pp", "2", "--vpp", "2", "--ep", "2", "--delay-wgrad",
+                                     "--iters", "3", "--budget-share", "0.1"]),
+}
+
+
+@pytest.mark.parametrize("case", list(OVERLAP_CASES))
+def test_planner_with_the_overlap_schedule_trains_like_the_plain_schedule(case, tmp_path):
+    """--dots-recompute-budget-gb with --dots-a2a-overlap: calibration on the plain schedule,
+    then plans of the overlap schedule's modes, applied by its layer nodes, in its order; the
+    losses, gradients and router biases equal the plain schedule without recompute."""
+    from launch import describe
+
+    nproc, args = OVERLAP_CASES[case]
+    out = tmp_path / "summary.json"
+    proc = torchrun("parallel/recompute_overlap_worker.py", nproc, "--out", str(out), *args,
+                    timeout=600)
+    assert proc.returncode == 0, describe(proc)
+    summary = json.loads(out.read_text())
+    assert summary["failures"] == 0
+    worst = summary["worst"]
+    assert worst["plain_loss"] < 1e-6 and worst["plain_grad"] < 1e-6 and worst["plain_bias"] < 1e-7
+    assert worst["overlap_loss"] < 1e-6 and worst["overlap_grad"] < 1e-6
+    # The combined 1F1B ran the (micro-batch, chunk) plans in exactly the planner's order.
+    assert summary["order_ok"]
+    pp = 2 if "--pp" in args else 1
+    assert sorted(summary["in_flight"]) == ([2, 2] if pp == 1 else [4, 4, 6, 6])
+
+    counts, kinds = summary["counts"], summary["kinds"]
+    calibrations = sum(r["calibration"] for r in summary["ranks"][0]["records"])
+    iters = len(summary["ranks"][0]["records"])
+    passes = nproc * 4 * (2 if pp > 1 else 1)  # (micro-batch, chunk) forwards per step
+    assert calibrations >= 1 and iters > calibrations
+    assert counts["plain_forward_steps"] == calibrations * passes  # calibration: plain schedule
+    assert counts["overlap_forward_steps"] == (iters - calibrations) * passes
+    if "--delay-wgrad" in args:
+        assert counts["calibration_wgrad_flushes"] == summary["calibration_layer_passes"] > 0
+    else:
+        assert counts.get("calibration_wgrad_flushes", 0) == 0
+    # Only modes the layer nodes honour, core attention recomputed somewhere (and the worker
+    # checked that every core_attn mode applied ran a core-attention checkpoint).
+    assert kinds.get("moe:core_attn", 0) > 0 and counts["core_attn_checkpoints"] > 0
+    assert not {k for k in kinds if k.startswith("moe:") and k not in ("moe:none", "moe:core_attn")}
+    assert "dense:full" not in kinds
+    if pp == 1 and "sequential" in args:
+        assert kinds.get("moe:none", 0) > 0  # short micro-batches recompute nothing
+    for rank in summary["ranks"]:
+        lo, hi = rank["budget"]
+        for record in rank["records"]:
+            assert record["overlap_schedule"]
+            if record["calibration"]:
+                continue
+            # predicted (margin, buckets, transients, paired micro-batches whole) >= measured
+            assert record["fits"] and record["predicted_peak"] <= lo + 0.5 * (hi - lo) + 1
+            assert 0 < record["measured_peak"] <= record["predicted_peak"]
+        line = rank["describe"]
+        assert "(all-to-all overlap schedule)" in line and "on the plain schedule" in line
+        assert f"{calibrations} calibrating" in line and "measured saved-tensor peak" in line

@@ -8,7 +8,7 @@ Status on 0.19 (CI runs the suite against megatron-core 0.19.2, see .ci/run): pa
 1 is skipped there (``te_general_gemm`` is bound in every branch); patch 2 is still needed
 (``maybe_move_tensor_to_cpu`` still converts CUDA tensors only) and its wrapper passes through
 the ``use_nccl_stream`` argument that 0.19 added to ``_AllToAll.forward``; patch 3 is needed on
-both; patches 6, 8 and 9 on 0.16.1, 0.19.2 and 0.20.0, patch 7 on 0.16.1 and 0.19.2 (0.20.0,
+both; patches 6, 8 and 9 on 0.16.1, 0.19.2 and 0.20.0, patches 7 and 10 on 0.16.1 and 0.19.2 (0.20.0,
 Megatron-LM main, has the fix: the patch detects it and stands down).
 
 1. ``megatron/core/transformer/moe/moe_utils.py`` (megatron-core 0.16.1):
@@ -95,6 +95,15 @@ Megatron-LM main, has the fix: the patch detects it and stands down).
    hundreds: the first resumed update is too large and the run no longer matches the one that
    was not interrupted (measured: losses differ from the second resumed step on). Fix: after
    the original, each parameter's state gets its own copy of the step.
+
+10. ``megatron/core/transformer/moe/router.py:TopKRouter._apply_expert_bias`` (megatron-core
+    0.16.1 and 0.19.2; 0.20.0 has the fix, ``(~padding_mask).unsqueeze(-1)``): with a padding
+    mask (``GPTModel.forward(padding_mask=...)``, SFT's padded micro-batches) it computes
+    ``routing_map & (~padding_mask)``, a ``[tokens, experts]`` map against a ``[tokens]``
+    mask: ``RuntimeError: The size of tensor a (E) must match the size of tensor b (T)`` on
+    every training forward (or, when T == E, a silently wrong count). Fix: hand the original a
+    ``[tokens, 1]`` mask, which broadcasts over the experts. Applied only when the method's
+    source lacks the fix.
 """
 
 from __future__ import annotations
@@ -471,6 +480,44 @@ def _patch_distopt_shared_step() -> None:
         "is incremented once per parameter per step)")
 
 
+def _patch_expert_bias_padding_mask() -> None:
+    """router.py (0.16.1, 0.19.2): the padding mask does not broadcast over the experts."""
+    site = "megatron/core/transformer/moe/router.py:TopKRouter._apply_expert_bias"
+    modules = _import_or_skip(site, "megatron.core.transformer.moe.router")
+    if modules is None:
+        return
+    original = modules[0].TopKRouter.__dict__.get("_apply_expert_bias")
+    if original is None or getattr(original, "__megatron_dots_patched__", False):
+        return
+    if "unsqueeze(-1)" in inspect.getsource(original):
+        _SKIPPED.append((site, "fixed upstream (the mask is unsqueezed)"))
+        return
+
+    def make_wrapper(original):
+        # The original is `jit_fuser` (torch.compile) wrapped; without CUDA call its eager
+        # function, as the CPU backend does for every jit_fuser site (inductor compiles on CPU
+        # cost ~30 s per process).
+        eager = getattr(original, "_torchdynamo_orig_callable", original)
+
+        def _apply_expert_bias(self, routing_map, padding_mask=None):
+            if padding_mask is not None:
+                padding_mask = padding_mask.reshape(-1, 1)
+            target = original if torch.cuda.is_available() else eager
+            return target(self, routing_map, padding_mask=padding_mask)
+
+        return _apply_expert_bias
+
+    import torch
+
+    _wrap_method(site, "megatron.core.transformer.moe.router", "TopKRouter",
+                 "_apply_expert_bias", make_wrapper,
+                 "the padding mask broadcasts over the experts in the bias-update token count")
+    wrapper = modules[0].TopKRouter.__dict__["_apply_expert_bias"]
+    # functools.wraps copied torch.compile's marker: drop it so that the CPU backend does not
+    # take the wrapper for a compiled function and replace it by the unpatched original.
+    wrapper.__dict__.pop("_torchdynamo_orig_callable", None)
+
+
 def apply_runtime_patches() -> List[Tuple[str, str]]:
     """Apply all runtime patches once; returns :func:`applied_patches`."""
     global _APPLIED
@@ -485,5 +532,6 @@ def apply_runtime_patches() -> List[Tuple[str, str]]:
             _patch_fully_reshardable_bucket_offsets()
             _patch_distopt_set_states_step()
             _patch_distopt_shared_step()
+            _patch_expert_bias_padding_mask()
             _APPLIED = True
     return applied_patches()

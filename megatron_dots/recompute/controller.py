@@ -11,9 +11,25 @@ Per step (`begin_step` before the schedule, `end_step` after it):
    of all ranks are merged (maxima), so every rank fits the same model;
 3. otherwise the planner's plan for the step's buckets is applied per micro-batch and chunk by
    the wrapped forward step, which also counts the bytes actually saved, so the prediction
-   error is reported as training goes (and on CUDA the allocator's peak).
+   error and the measured peak of saved bytes (in the schedule's order) are reported as
+   training goes (and on CUDA the allocator's peak).
+
+Under the all-to-all overlap schedule (`overlap_moe_expert_parallel_comm`, Megatron-Core's
+combined 1F1B) the forward step only builds the micro-batch's schedule plan, whose layer nodes
+the schedule runs later, interleaved with another micro-batch's backward. Then:
+
+* plans use only the modes the layer nodes honour (`layer.NODE_PATH_MODES`: MoE layers ``none``
+  / ``core_attn``, dense layers everything but ``full``) and the overlap schedule's order (one
+  more micro-batch in flight, `schedule_order`);
+* the modes are set on the layer's modules when its nodes of that micro-batch run, and the
+  saved bytes are counted there (`schedule.layer_plan.wrap_forward_nodes`);
+* calibration steps, which recompute whole layers, run on the plain schedule (the same math:
+  the flag only selects the schedule; nothing else in the dots model reads it at run time), and
+  with `delay_wgrad_compute` each layer runs its `backward_dw` right after its backward there
+  (`PlannedRecomputeLayer.flush_delayed_wgrad`), as the overlap schedule would.
 """
 
+import contextlib
 from collections import Counter
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -21,11 +37,11 @@ import torch
 
 from ..convert.sharding import unwrap_model
 from .budget import GIB, format_bytes
-from .layer import decoder_layers, set_modes
+from .layer import NODE_PATH_MODES, decoder_layers, set_modes
 from .measure import OUTSIDE, SavedBytes
 from .memory_model import ActivationMemoryModel
 from .planner import ChunkLayout, RecomputeCosts, RecomputePlanner, StepPlan
-from .schedule_order import schedule_events
+from .schedule_order import Event, schedule_events
 from .shapes import MicroBatchShape, bucket, shape_of
 
 
@@ -63,6 +79,7 @@ class RecomputeController:
         attention: Optional[str] = None,
     ):
         self.chunks = list(chunks)
+        self._models = [unwrap_model(c) for c in self.chunks]
         self.config = config
         self.bucket_tokens = bucket_tokens
         self.min_points = min_points
@@ -89,52 +106,93 @@ class RecomputeController:
         self._shapes: List[MicroBatchShape] = []
         self._planning: List[MicroBatchShape] = []
         self._next: List[int] = []
+        self._step_events: Optional[List[Event]] = None
+        # The schedule's config and its all-to-all overlap flag while a calibration step runs
+        # the plain schedule instead (restored by end_step, or by the next begin_step).
+        self._schedule_config = _schedule_config(self.chunks, config)
+        self._overlap_saved: Optional[bool] = None
 
     # -- per step ---------------------------------------------------------------------------
+    @property
+    def overlap(self) -> bool:
+        """Whether training runs the all-to-all overlap schedule (combined 1F1B)."""
+        if self._overlap_saved is not None:
+            return self._overlap_saved
+        return bool(getattr(self._schedule_config, "overlap_moe_expert_parallel_comm", False))
+
     def begin_step(self, micro_batches: Sequence, forward_only: bool = False) -> Optional[StepPlan]:
+        self._restore_schedule()  # if the last step failed before end_step
         self._counters = {}
         self.applied = {}
         self._next = [0] * len(self.chunks)
+        self._step_events = None
         if forward_only:
             self.plan = None
             return None
+        overlap = self.overlap
+        self.planner.restrict(NODE_PATH_MODES if overlap else None)
         self._shapes = [shape_of(b) for b in micro_batches]
         self._planning = self._expert_group_max(self._shapes)
         self.buckets = buckets = [bucket(s, self.bucket_tokens) for s in self._planning]
         uncovered = not all(self.model.covers(s, self.min_points) for s in self._planning)
         if self._any_rank(uncovered):  # calibration gathers from every rank: all take part
             self.plan = self.planner.calibration_step(buckets)
+            if overlap:  # whole-layer recompute exists only on the plain schedule
+                self._overlap_saved = True
+                self._schedule_config.overlap_moe_expert_parallel_comm = False
         else:
-            self.plan = self.planner.plan_step(buckets, self._events(len(buckets)))
+            self._step_events = self._events(len(buckets))
+            self.plan = self.planner.plan_step(buckets, self._step_events)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         return self.plan
 
     def wrap(self, forward_step_func: Callable) -> Callable:
-        """The schedule's forward step, applying this step's plan to each micro-batch."""
+        """The schedule's forward step, applying this step's plan to each micro-batch (the
+        overlap schedule calls it with ``return_schedule_plan=True``: see the module
+        docstring)."""
 
-        def forward_step(data_iterator, model):
+        def forward_step(data_iterator, model, return_schedule_plan: bool = False):
+            kwargs = {"return_schedule_plan": True} if return_schedule_plan else {}
             chunk = self._chunk_index(model)
             if self.plan is None:
                 set_modes(model, None)
-                return forward_step_func(data_iterator, model)
+                return forward_step_func(data_iterator, model, **kwargs)
             mb = self._next[chunk]
             self._next[chunk] += 1
             modes = self.plan.modes(mb, chunk)
-            set_modes(model, list(modes), calibrate=self.plan.calibrate)
             self.applied[(mb, chunk)] = modes
             counter = self._blank[chunk].fork()
             self._counters[(mb, chunk)] = counter
+            if return_schedule_plan:
+                if self.plan.calibrate:
+                    raise RuntimeError("a calibration step must run on the plain schedule")
+                set_modes(model, None)  # the nodes never call PlannedRecomputeLayer.forward
+                with counter.counting():
+                    plan, loss_func = forward_step_func(data_iterator, model, **kwargs)
+                self._apply_to_nodes(plan, chunk, modes, counter)
+                return plan, loss_func
+            flush = self.plan.calibrate and bool(
+                getattr(self._schedule_config, "delay_wgrad_compute", False))
+            set_modes(model, list(modes), calibrate=self.plan.calibrate, flush_wgrad=flush)
             with counter.counting():
-                return forward_step_func(data_iterator, model)
+                return forward_step_func(data_iterator, model, **kwargs)
 
         return forward_step
 
     def end_step(self) -> Optional[dict]:
         plan, self.plan = self.plan, None
+        self._restore_schedule()
+        for chunk in self.chunks:
+            for layer in decoder_layers(chunk):
+                layer.flush_wgrad = False
+                layer.apply_node_mode("none")  # what the overlap schedule's nodes set
         if plan is None:
             return None
-        record = {"calibration": plan.calibrate, "predicted_peak": plan.predicted_peak}
+        if plan.calibrate:
+            self._check_no_pending_wgrad()
+        record = {"calibration": plan.calibrate, "predicted_peak": plan.predicted_peak,
+                  "overlap_schedule": self.overlap}
         if plan.calibrate:
             self._learn()
             record["model"] = self.model.describe()
@@ -146,9 +204,45 @@ class RecomputeController:
         return record
 
     # -- internals --------------------------------------------------------------------------
+    def _restore_schedule(self) -> None:
+        if self._overlap_saved is not None:
+            self._schedule_config.overlap_moe_expert_parallel_comm = self._overlap_saved
+            self._overlap_saved = None
+
+    def _apply_to_nodes(self, plan, chunk: int, modes: Sequence[str], counter) -> None:
+        """Make the overlap schedule's nodes of this micro-batch's plan set each layer's mode
+        and count the bytes they save, when they run."""
+        from ..schedule.layer_plan import wrap_forward_nodes
+
+        mode_of = {id(layer): mode for layer, mode in zip(decoder_layers(self.chunks[chunk]), modes)}
+
+        @contextlib.contextmanager
+        def around(layer):
+            mode = mode_of.get(id(layer)) if layer is not None else None
+            if mode is not None:
+                layer.apply_node_mode(mode)
+            with counter.counting():
+                if mode is None:
+                    yield
+                else:
+                    with counter.region(layer.layer_number, "rest"):
+                        yield
+
+        wrap_forward_nodes(plan, around)
+
+    def _check_no_pending_wgrad(self) -> None:
+        """Delayed expert weight gradients must all have been computed in the step."""
+        for chunk in self.chunks:
+            for layer in decoder_layers(chunk):
+                experts = getattr(layer.mlp, "experts", None)
+                if getattr(experts, "_pending_wgrad", None):
+                    raise RuntimeError(
+                        f"layer {layer.layer_number}: delayed expert weight gradients of the "
+                        "calibration step were not computed")
+
     def _chunk_index(self, model) -> int:
-        for i, chunk in enumerate(self.chunks):
-            if chunk is model:
+        for i, (chunk, unwrapped) in enumerate(zip(self.chunks, self._models)):
+            if model is chunk or model is unwrapped:
                 return i
         raise ValueError("forward step called with a model chunk the controller does not know")
 
@@ -163,6 +257,7 @@ class RecomputeController:
             pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
             vpp_size=vpp,
             group_size=getattr(self.config, "microbatch_group_size_per_vp_stage", None),
+            overlap=self.overlap,
         )
 
     @staticmethod
@@ -220,21 +315,31 @@ class RecomputeController:
 
     def _check(self, plan: StepPlan) -> dict:
         """The memory model's prediction for the micro-batches' own shapes (not their buckets,
-        no safety margin) under the modes applied, against the bytes they saved."""
+        no safety margin) under the modes applied, against the bytes they saved; and the
+        measured bytes: their sum over the step and their peak alive at once in the schedule's
+        order (what the predicted peak bounds, before its margin and recompute transients)."""
         worst, recomputed, layers = 0.0, 0, 0
+        measured: Dict[Tuple[int, int], int] = {}
         for (mb, chunk), counter in self._counters.items():
             item = plan.items[mb][chunk]
             predicted = self.predicted_bytes(chunk, item.modes, self._shapes[mb])
-            measured = counter.total()
-            worst = max(worst, abs(predicted - measured) / max(measured, 1))
+            measured[(mb, chunk)] = saved = counter.total()
+            worst = max(worst, abs(predicted - saved) / max(saved, 1))
             recomputed += sum(m != "none" for m in item.modes)
             layers += len(item.modes)
+        live = peak = 0
+        for kind, mb, chunk in self._step_events or ():
+            n = measured.get((mb, chunk), 0)
+            live += n if kind == "F" else -n
+            peak = max(peak, live)
         return {
             "modes": dict(Counter(m for modes in self.applied.values() for m in modes)),
             "max_prediction_error": worst,
             "recomputed_layer_share": recomputed / max(layers, 1),
             "recompute_flops": plan.recompute_flops,
             "fits": plan.fits,
+            "measured_total": sum(measured.values()),
+            "measured_peak": peak,
         }
 
     def predicted_bytes(self, chunk: int, modes: Sequence[str], shape: MicroBatchShape) -> float:
@@ -247,8 +352,10 @@ class RecomputeController:
 
     def take_window(self) -> Dict[str, float]:
         """Summary of the steps since the last call: calibration steps, the share of layer
-        passes that recomputed, the worst prediction error, steps predicted not to fit, and
-        the predicted (and on CUDA the allocator's) peak."""
+        passes that recomputed and how (``modes/<mode>``: layer passes per mode), the worst
+        prediction error, steps predicted not to fit, the predicted peak, the measured saved
+        bytes (largest peak alive at once and largest total of a step), and on CUDA the
+        allocator's peak."""
         records, self._window_start = self.history[self._window_start:], len(self.history)
         planned = [r for r in records if not r["calibration"]]
         out = {"steps": float(len(records)), "calibration_steps": float(len(records) - len(planned))}
@@ -257,6 +364,11 @@ class RecomputeController:
             out["max_prediction_error"] = max(r["max_prediction_error"] for r in planned)
             out["steps_over_budget"] = float(sum(not r["fits"] for r in planned))
             out["predicted_peak_gib"] = max(r["predicted_peak"] for r in planned) / GIB
+            out["measured_peak_gib"] = max(r["measured_peak"] for r in planned) / GIB
+            out["measured_total_gib"] = max(r["measured_total"] for r in planned) / GIB
+            modes = sum((Counter(r["modes"]) for r in planned), Counter())
+            for mode, n in modes.items():
+                out[f"modes/{mode}"] = float(n)
         peaks = [r["cuda_max_allocated"] for r in records if "cuda_max_allocated" in r]
         if peaks:
             out["allocator_peak_gib"] = max(peaks) / GIB
@@ -265,19 +377,41 @@ class RecomputeController:
     def describe(self, window: Dict[str, float]) -> str:
         """One log line for a `take_window` summary."""
         text = f"recompute planner: {int(window['steps'])} steps"
+        if self.overlap:
+            text += " (all-to-all overlap schedule)"
         if window["calibration_steps"]:
-            text += (f" ({int(window['calibration_steps'])} calibrating: every layer recomputed;"
-                     f" memory model: {self.model.describe()})")
+            text += (f" ({int(window['calibration_steps'])} calibrating: every layer recomputed"
+                     + (", on the plain schedule" if self.overlap else "")
+                     + f"; memory model: {self.model.describe()})")
         if "recomputed_layer_share" in window:
+            modes = {k[len("modes/"):]: int(v) for k, v in window.items() if k.startswith("modes/")}
+            recomputed = ", ".join(f"{mode} {modes[mode]}" for mode in sorted(modes)
+                                   if mode != "none") or "nothing"
             text += (
                 f" | layer passes recomputed {100 * window['recomputed_layer_share']:.0f}%"
+                f" ({recomputed} of {sum(modes.values())})"
                 f" | predicted activation peak {format_bytes(window['predicted_peak_gib'] * GIB)}"
                 f" of {format_bytes(self.planner.budget)}"
+                f" | measured saved-tensor peak {format_bytes(window['measured_peak_gib'] * GIB)}"
+                f" (step total <= {format_bytes(window['measured_total_gib'] * GIB)})"
                 f" | prediction error <= {100 * window['max_prediction_error']:.1f}%"
             )
             if window["steps_over_budget"]:
                 text += (f" | WARNING: {int(window['steps_over_budget'])} steps exceed the budget"
-                         " even with every layer recomputed")
+                         + (" even with the most recompute the overlap schedule's layer nodes "
+                            "allow (MoE layers: core attention only)" if self.overlap
+                            else " even with every layer recomputed"))
         if "allocator_peak_gib" in window:
             text += f" | allocator peak {format_bytes(window['allocator_peak_gib'] * GIB)}"
         return text
+
+
+def _schedule_config(chunks, config):
+    """The config whose `overlap_moe_expert_parallel_comm` selects the schedule: Megatron-Core's
+    `forward_backward_func` reads `get_model_config(model[0])`."""
+    from megatron.core.utils import get_model_config
+
+    try:
+        return get_model_config(chunks[0]) if chunks else config
+    except (AttributeError, RuntimeError):
+        return config

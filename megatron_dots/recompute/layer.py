@@ -15,6 +15,18 @@ the model:
 The layer also attributes the bytes saved inside it to regions of a `measure.SavedBytes` counter
 when one is active, and with `calibrate` set measures its full activations during the
 recomputation of a ``full`` checkpoint (so calibration never holds them all at once).
+
+Under the all-to-all overlap schedule (Megatron-Core's combined 1F1B) this `forward` is not
+called: the schedule runs a layer as separate nodes (`models/gpt/fine_grained_callables.py`,
+same in 0.16, 0.19 and 0.20) with detached tensors between them. There only the modules' own
+flags act (`apply_node_mode`, `NODE_PATH_MODES`): the attention node calls
+`TransformerLayer._forward_attention`, whose `Attention.forward` honours
+`checkpoint_core_attention`, and a dense layer's MLP node calls `_forward_mlp`, which honours
+`recompute_mlp`. An MoE layer's nodes call the MoE stages (`route`, `dispatch`,
+`routed_experts_compute`, `combine`) directly, never `MoELayer.forward`, so
+`moe_layer_recompute` has no effect, and a checkpoint of the whole layer or MoE block would have
+to span detached nodes and replay the dispatch / combine all-to-all inside the backward node of
+another micro-batch's pair: neither ``mlp`` for MoE layers nor ``full`` exists there.
 """
 
 import contextlib
@@ -30,6 +42,13 @@ from .measure import active_counter
 
 MODES = ("none", "core_attn", "mlp", "core_attn+mlp", "full")
 
+# The modes the all-to-all overlap schedule's layer nodes honour, per layer kind (see the module
+# docstring).
+NODE_PATH_MODES = {
+    "moe": ("none", "core_attn"),
+    "dense": ("none", "core_attn", "mlp", "core_attn+mlp"),
+}
+
 
 def _region(name: str, layer: int):
     counter = active_counter()
@@ -41,6 +60,13 @@ class PlannedRecomputeLayer:
 
     recompute_mode: str = "none"
     calibrate: bool = False
+    # Set for a step on the plain schedule of a model built for delayed weight gradients: run
+    # the layer's `backward_dw` right after its backward (see `flush_delayed_wgrad`).
+    flush_wgrad: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "moe" if self.is_moe else "dense"
 
     @property
     def is_moe(self) -> bool:
@@ -86,9 +112,48 @@ class PlannedRecomputeLayer:
         else:
             self.recompute_mlp = mlp
 
+    def apply_node_mode(self, mode: str) -> None:
+        """Set the module flags of `mode` for the overlap schedule's nodes of this layer, which
+        read them when they run (`NODE_PATH_MODES`)."""
+        if mode not in NODE_PATH_MODES[self.kind]:
+            raise ValueError(
+                f"recompute mode {mode!r} cannot apply to a {self.kind} layer under the "
+                f"all-to-all overlap schedule (its layer nodes honour "
+                f"{NODE_PATH_MODES[self.kind]})")
+        self._apply_module_flags(mode)
+
+    def run_backward_dw(self) -> None:
+        """The delayed weight gradients of this layer, as the overlap schedule's nodes compute
+        them: the attention node's (`self_attention.backward_dw` + the shared experts') and
+        the MLP node's (`mlp.backward_dw`: routed experts, or the dense MLP)."""
+        self.self_attention.backward_dw()
+        if self.is_moe:
+            self.mlp.backward_dw(routed_experts=True, shared_experts=True)
+        else:
+            self.mlp.backward_dw()
+
+    def flush_delayed_wgrad(self, hidden_states) -> None:
+        """With `delay_wgrad_compute` the experts leave their weight gradients to
+        `backward_dw()`, which only the overlap schedule calls. On a step of the plain schedule
+        (the planner's calibration steps), run it when the gradient of this layer's input is
+        complete, i.e. right after the layer's backward of this micro-batch: every gradient is
+        accumulated once per micro-batch in the same order as under the overlap schedule."""
+        if not isinstance(hidden_states, torch.Tensor) or not hidden_states.requires_grad:
+            raise RuntimeError(
+                f"layer {self.layer_number}: delayed weight gradients on the plain schedule are "
+                "computed when the layer's input gradient is, but its input needs no gradient")
+
+        def hook(grad):
+            self.run_backward_dw()
+            return None
+
+        hidden_states.register_hook(hook)
+
     def forward(self, *args, **kwargs):
         mode = self.recompute_mode if self.training and torch.is_grad_enabled() else "none"
         self._apply_module_flags(mode)
+        if self.flush_wgrad and self.training and torch.is_grad_enabled():
+            self.flush_delayed_wgrad(kwargs.get("hidden_states", args[0] if args else None))
         if mode != "full":
             with _region("rest", self.layer_number):
                 return super().forward(*args, **kwargs)
@@ -130,8 +195,10 @@ def decoder_layers(chunk) -> List[PlannedRecomputeLayer]:
     return [layer for layer in layers if isinstance(layer, PlannedRecomputeLayer)]
 
 
-def set_modes(chunk, modes: Optional[List[str]], calibrate: bool = False) -> None:
-    """Give each decoder layer of `chunk` its mode (None: ``none`` everywhere)."""
+def set_modes(chunk, modes: Optional[List[str]], calibrate: bool = False,
+              flush_wgrad: bool = False) -> None:
+    """Give each decoder layer of `chunk` its mode (None: ``none`` everywhere); `flush_wgrad`:
+    see `PlannedRecomputeLayer.flush_delayed_wgrad`."""
     layers = decoder_layers(chunk)
     if modes is not None and len(modes) != len(layers):
         raise ValueError(f"plan has {len(modes)} layer modes, the chunk has {len(layers)} layers")
@@ -141,3 +208,4 @@ def set_modes(chunk, modes: Optional[List[str]], calibrate: bool = False) -> Non
             raise ValueError(f"unknown recompute mode {mode!r}; expected one of {MODES}")
         layer.recompute_mode = mode
         layer.calibrate = calibrate
+        layer.flush_wgrad = flush_wgrad

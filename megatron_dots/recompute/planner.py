@@ -14,12 +14,16 @@ under `L` recompute nothing, so short micro-batches pay nothing and long ones pa
 budget demands. Plans are cached by shape bucket (per (chunk, bucket, L)) and per step by its
 tuple of buckets. Everything here is a pure function of shapes and fitted predictions, so ranks
 that must agree (tensor- and expert-parallel peers) compute the same plan.
+
+`allowed_modes` restricts the modes per layer kind: under the all-to-all overlap schedule only
+`layer.NODE_PATH_MODES` can apply (MoE layers: ``none`` / ``core_attn``; dense layers: no
+``full``).
 """
 
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 from .layer import MODES
 from .memory_model import ActivationMemoryModel
@@ -143,9 +147,11 @@ class RecomputePlanner:
         budget: float,
         margin: float = 0.05,
         cache_size: int = 4096,
+        allowed_modes: Optional[Mapping[str, Sequence[str]]] = None,
     ):
         if budget <= 0:
             raise ValueError(f"activation budget must be positive, got {budget:.0f} bytes")
+        self.allowed_modes = self._check_allowed(allowed_modes)
         self.model = model
         self.costs = costs
         self.chunks = tuple(chunks)
@@ -161,6 +167,33 @@ class RecomputePlanner:
         """Forget cached plans (after the memory model changed)."""
         self._step_cache.clear()
         self._items_cache.clear()
+
+    @staticmethod
+    def _check_allowed(allowed):
+        if allowed is None:
+            return None
+        out = {}
+        for kind, modes in allowed.items():
+            modes = tuple(m for m in MODES if m in modes)  # MODES order, known modes only
+            unknown = set(allowed[kind]) - set(MODES)
+            if unknown or "none" not in modes:
+                raise ValueError(f"allowed recompute modes of {kind!r} layers must include "
+                                 f"'none' and come from {MODES}, got {tuple(allowed[kind])}")
+            out[kind] = modes
+        return out
+
+    def restrict(self, allowed_modes: Optional[Mapping[str, Sequence[str]]]) -> None:
+        """Plan only with these modes per layer kind from now on (None: every mode)."""
+        allowed = self._check_allowed(allowed_modes)
+        if allowed != self.allowed_modes:
+            self.allowed_modes = allowed
+            self.reset()
+
+    def modes_for(self, kind: str) -> Tuple[str, ...]:
+        """The modes the planner may choose for a `kind` layer."""
+        if self.allowed_modes is None:
+            return MODES
+        return self.allowed_modes.get(kind, ("none",))
 
     # -- one (micro-batch, chunk) ------------------------------------------------------------
     def item(self, chunk: int, shape: MicroBatchShape, allowance: float) -> ItemPlan:
@@ -182,7 +215,7 @@ class RecomputePlanner:
         table = []  # per layer: {mode: (live, transient, flops)}
         for kind in layout.layer_kinds:
             options = {}
-            for mode in MODES:
+            for mode in self.modes_for(kind):
                 live, transient = self.model.layer_bytes(kind, mode, shape)
                 options[mode] = (live * scale, transient * scale, self.costs.mode(kind, mode, shape))
             table.append(options)

@@ -16,7 +16,10 @@ computes (PP=1 uses the same pairing with no pipeline). On top of it, for dots m
   `backward_dw`);
 * fp32 models are allowed (upstream asserts bf16/fp16; nothing in the schedule needs it, and the
   CPU correctness tests compare fp32 runs);
-* 0.16.1's skipped gradient-sync launch for model chunk 0 is fixed (runtime patch 4).
+* 0.16.1's skipped gradient-sync launch for model chunk 0 is fixed (runtime patch 4);
+* the input-aware recompute planner (`--dots-recompute-budget-gb`) runs with it: it plans with
+  the recompute the layer nodes honour (core attention; a dense layer's MLP), in this
+  schedule's order, and calibrates on the plain schedule (`recompute/controller.py`).
 
 `enable_a2a_overlap(config)` validates and sets the two config fields; call it before the model
 is built (the experts read `delay_wgrad_compute` at construction) and wrap DDP with

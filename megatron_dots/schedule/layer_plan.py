@@ -36,12 +36,12 @@ import contextlib
 from typing import Callable, Optional
 
 import torch
-from megatron.core.pipeline_parallel.utils import get_comp_stream
+from megatron.core.pipeline_parallel.utils import NoopScheduleNode, get_comp_stream
 
 from ..compat.mcore_api import pre_dispatch_node
 from ..model.moe import DotsMoELayer
 
-__all__ = ["adapt_layer_plans"]
+__all__ = ["adapt_layer_plans", "wrap_forward_nodes"]
 
 
 def _on_compute_stream():
@@ -138,3 +138,30 @@ def adapt_layer_plans(plan) -> int:
                    after_backward=after_dispatch_backward)
         changed += 1
     return changed
+
+
+# The nodes of a `TransformerLayerSchedulePlan` besides the pre-dispatch one (`pre_dispatch_node`:
+# `attn` on 0.16, `pre_dispatch_computation` on 0.19+), in forward order.
+_LAYER_NODES = ("moe_dispatch", "mlp", "moe_combine", "mtp_post_process")
+
+
+def wrap_forward_nodes(plan, around: Callable) -> None:
+    """Run the forward of every node of the model-chunk schedule plan `plan` inside the context
+    manager ``around(layer)``: `layer` is the `TransformerLayer` (or MTP layer) a node belongs
+    to, None for the plan's pre- and post-process nodes. The schedule runs a micro-batch's forward
+    nodes interleaved with another micro-batch's backward nodes, so what must hold while this
+    micro-batch's forward runs (its recompute flags, a saved-bytes counter) belongs here rather
+    than around the forward step that only builds the plan."""
+
+    def wrap(node, layer):
+        if node is None or isinstance(node, NoopScheduleNode):
+            return
+        _wrap_node(node, before=lambda: around(layer))
+
+    wrap(getattr(plan, "pre_process", None), None)
+    for i in range(plan.num_layers()):
+        layer_plan = plan.get_layer(i)
+        wrap(pre_dispatch_node(layer_plan), layer_plan.layer)
+        for name in _LAYER_NODES:
+            wrap(getattr(layer_plan, name, None), layer_plan.layer)
+    wrap(getattr(plan, "post_process", None), None)

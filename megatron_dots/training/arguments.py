@@ -199,6 +199,11 @@ def build_parser(prog: str = "megatron-dots pretrain") -> argparse.ArgumentParse
     ckpt.add_argument("--save", default=None, help="checkpoint root to save to")
     ckpt.add_argument("--load", default=None,
                       help="checkpoint root (or iter_* / release directory) to resume from")
+    ckpt.add_argument("--pretrained-checkpoint", default=None, metavar="DIR",
+                      help="weights to start from when --load holds no checkpoint yet (e.g. a "
+                      "`convert hf-to-mcore` output): with --load and --save the same "
+                      "directory, the first job starts from these weights at iteration 0 and "
+                      "a requeued one resumes its own checkpoint")
     ckpt.add_argument("--save-interval", type=int, default=None,
                       help="iterations between checkpoints (and one at the end)")
     ckpt.add_argument("--ckpt-format", default="torch_dist", choices=("torch_dist",),
@@ -309,17 +314,17 @@ def _check_a2a_overlap_args(args, ep: int, pp: int, vpp: Optional[int]) -> None:
 
     problems = a2a_overlap_problems(expert_parallel=ep, pipeline_parallel=pp,
                                     virtual_pipeline=vpp)
-    if getattr(args, "dots_recompute_budget_gb", None) is not None:
-        problems.append("--dots-recompute-budget-gb is not supported with it yet (the planner "
-                        "recomputes whole layers or their attention / MLP; the schedule runs a "
-                        "layer as separate nodes)")
+    # --dots-recompute-budget-gb works with it: the planner then chooses among the recompute
+    # modes the schedule's layer nodes honour and calibrates on the plain schedule
+    # (recompute/controller.py).
     if problems:
         raise ArgumentError("--dots-a2a-overlap: " + "; ".join(problems))
 
 
-def validate_args(args, world_size: int) -> None:
+def validate_args(args, world_size: int, check_data=None) -> None:
     """Fill derived values (args.dots_config, data_parallel_size, vpp, batch stages, ...) and
-    reject every combination that cannot work, naming the flags."""
+    reject every combination that cannot work, naming the flags. `check_data` checks the data
+    and tokenizer flags (default: pretraining's, `check_pretrain_data`)."""
     positive = ("micro_batch_size", "seq_length", "train_iters", "log_interval",
                 "tensor_model_parallel_size", "pipeline_model_parallel_size",
                 "expert_model_parallel_size", "distributed_timeout_minutes")
@@ -425,7 +430,51 @@ def validate_args(args, world_size: int) -> None:
                 f"--lr-warmup-iters {args.lr_warmup_iters} + --lr-wsd-decay-iters "
                 f"{args.lr_wsd_decay_iters} exceed the decay length {decay_iters}")
 
-    # Data.
+    (check_data or check_pretrain_data)(args)
+    split = args.split.split(",")
+    try:
+        weights = [float(w) for w in split]
+    except ValueError:
+        weights = []
+    if not weights or len(weights) > 3 or any(w < 0 for w in weights) or not weights[0] > 0:
+        raise ArgumentError(f"--split {args.split!r}: expected up to three non-negative "
+                            "weights 'train,valid,test' with train > 0")
+
+    # Checkpointing.
+    same_as_save = args.save is not None and args.load is not None and (
+        os.path.abspath(args.load) == os.path.abspath(args.save))
+    if args.load is not None and not os.path.exists(args.load) and not same_as_save:
+        # (--load equal to --save is the auto-resume idiom: the first job finds nothing.)
+        raise ArgumentError(f"--load {args.load}: no such checkpoint directory")
+    if args.pretrained_checkpoint is not None and not os.path.exists(args.pretrained_checkpoint):
+        raise ArgumentError(f"--pretrained-checkpoint {args.pretrained_checkpoint}: no such "
+                            "checkpoint directory")
+    if args.save_interval is not None and args.save is None:
+        raise ArgumentError("--save-interval needs --save DIR")
+    if args.exit_signal_handler and args.save is None:
+        raise ArgumentError("--exit-signal-handler needs --save DIR to save to")
+    if args.dots_a2a_timing_csv is not None and not args.dots_a2a_timing:
+        raise ArgumentError("--dots-a2a-timing-csv needs --dots-a2a-timing")
+    if args.dots_a2a_timing and cfg.first_k_dense >= cfg.num_layers:
+        raise ArgumentError(f"--dots-a2a-timing: the model has no MoE layer "
+                            f"(--dots-first-k-dense {cfg.first_k_dense}, --num-layers "
+                            f"{cfg.num_layers})")
+
+    args.dots_config = cfg
+    args.data_parallel_size = dp
+    args.virtual_pipeline_model_parallel_size = vpp
+    args.batch_stages = stages
+    args.lr_decay_iters = decay_iters
+    for name, default in (("dots_expert_load_csv", "expert_load.csv"),
+                          ("dots_loss_csv", "losses.csv"),
+                          ("dots_a2a_timing_csv", "a2a_timing.csv" if args.dots_a2a_timing
+                           else None)):
+        if getattr(args, name) is None and args.save is not None and default:
+            setattr(args, name, os.path.join(args.save, default))
+
+
+def check_pretrain_data(args) -> None:
+    """--data-path / --mock-data and the tokenizer flags of pretraining."""
     if args.mock_data and args.data_path:
         raise ArgumentError("give --data-path or --mock-data, not both")
     if not args.mock_data and not args.data_path:
@@ -453,43 +502,6 @@ def validate_args(args, world_size: int) -> None:
                                 "directory")
     if args.data_path:
         _check_data_path(args.data_path)
-    split = args.split.split(",")
-    try:
-        weights = [float(w) for w in split]
-    except ValueError:
-        weights = []
-    if not weights or len(weights) > 3 or any(w < 0 for w in weights) or not weights[0] > 0:
-        raise ArgumentError(f"--split {args.split!r}: expected up to three non-negative "
-                            "weights 'train,valid,test' with train > 0")
-
-    # Checkpointing.
-    same_as_save = args.save is not None and args.load is not None and (
-        os.path.abspath(args.load) == os.path.abspath(args.save))
-    if args.load is not None and not os.path.exists(args.load) and not same_as_save:
-        # (--load equal to --save is the auto-resume idiom: the first job finds nothing.)
-        raise ArgumentError(f"--load {args.load}: no such checkpoint directory")
-    if args.save_interval is not None and args.save is None:
-        raise ArgumentError("--save-interval needs --save DIR")
-    if args.exit_signal_handler and args.save is None:
-        raise ArgumentError("--exit-signal-handler needs --save DIR to save to")
-    if args.dots_a2a_timing_csv is not None and not args.dots_a2a_timing:
-        raise ArgumentError("--dots-a2a-timing-csv needs --dots-a2a-timing")
-    if args.dots_a2a_timing and cfg.first_k_dense >= cfg.num_layers:
-        raise ArgumentError(f"--dots-a2a-timing: the model has no MoE layer "
-                            f"(--dots-first-k-dense {cfg.first_k_dense}, --num-layers "
-                            f"{cfg.num_layers})")
-
-    args.dots_config = cfg
-    args.data_parallel_size = dp
-    args.virtual_pipeline_model_parallel_size = vpp
-    args.batch_stages = stages
-    args.lr_decay_iters = decay_iters
-    for name, default in (("dots_expert_load_csv", "expert_load.csv"),
-                          ("dots_loss_csv", "losses.csv"),
-                          ("dots_a2a_timing_csv", "a2a_timing.csv" if args.dots_a2a_timing
-                           else None)):
-        if getattr(args, name) is None and args.save is not None and default:
-            setattr(args, name, os.path.join(args.save, default))
 
 
 def _check_data_path(items: List[str]) -> None:

@@ -1,5 +1,8 @@
 """Training data: Megatron-Core GPT datasets from the pretrain flags, and micro-batch feeding.
 
+`GPTDataFeed` is what the training loop (`loop.train`) asks for batches; SFT has its own feed
+(`megatron_dots.sft.feed`) with the same methods.
+
 Datasets are built with Megatron-Core's `BlendedMegatronDatasetBuilder` (`--data-path` blends
 and `--split`) or its mock dataset (`--mock-data`). Sample order follows Megatron-LM's
 pretraining sampler: the global batch that starts at `consumed_samples` is the next
@@ -99,6 +102,67 @@ def check_splits(prefixes: List[str], split: str, need_valid: bool) -> None:
                 raise ArgumentError(f"--data-path {prefix}: its {name} split holds no documents "
                                     f"({documents} documents, --split {split}); change --split"
                                     f"{hint}")
+
+
+class GPTDataFeed:
+    """The pretraining feed: fixed-length samples of the --data-path blend (or mock data).
+
+    A feed is made once the parallel state exists, as `feed(args, train_samples,
+    valid_samples)`, and gives the loop: `configure(config)` (TransformerConfig changes before
+    the model is built), `train_batches(consumed_samples, global_batch)` and
+    `valid_batches(index, global_batch)` (this DP rank's micro-batches, on the device),
+    `has_validation`, `seq_length_of(batches)` (the schedule's sequence length),
+    `global_tokens(consumed_samples, global_batch)` (tokens of the step, for throughput) and
+    `consumed_tokens(consumed_samples)` (recorded in checkpoints)."""
+
+    def __init__(self, args, train_samples: int, valid_samples: int):
+        from megatron.core import parallel_state
+
+        from ..compat.distributed import default_device
+
+        tokenizer = dataset_tokenizer(args)
+        if tokenizer.vocab_size > args.dots_config.vocab_size:
+            raise ArgumentError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                f"is {args.dots_config.vocab_size}: raise --vocab-size / pick a preset that "
+                f"fits (--tokenizer-model {args.tokenizer_model})")
+        self.args = args
+        self.seq_length = args.seq_length
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.device = default_device()
+        self.train, self.valid = build_datasets(args, tokenizer, train_samples, valid_samples)
+        largest = max(s.global_batch_size for s in args.batch_stages)
+        if self.valid is not None and len(self.valid) < largest:
+            self.valid = None  # a validation split too small for one batch
+
+    def configure(self, config) -> None:
+        pass
+
+    @property
+    def has_validation(self) -> bool:
+        return self.valid is not None
+
+    def train_batches(self, consumed_samples: int, global_batch: int):
+        return self._batches(self.train, consumed_samples, global_batch)
+
+    def valid_batches(self, index: int, global_batch: int):
+        start = index * global_batch % max(1, len(self.valid) - global_batch + 1)
+        return self._batches(self.valid, start, global_batch)
+
+    def _batches(self, dataset, start: int, global_batch: int):
+        return micro_batches(dataset, start, global_batch, self.args.micro_batch_size,
+                             self.dp_rank, self.dp_size, self.device,
+                             vocab_size=self.args.dots_config.vocab_size)
+
+    def seq_length_of(self, batches) -> int:
+        return self.seq_length
+
+    def global_tokens(self, consumed_samples: int, global_batch: int) -> int:
+        return global_batch * self.seq_length
+
+    def consumed_tokens(self, consumed_samples: int) -> int:
+        return consumed_samples * self.seq_length
 
 
 def micro_batches(dataset, consumed_samples: int, global_batch_size: int, micro_batch_size: int,

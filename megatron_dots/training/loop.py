@@ -161,14 +161,15 @@ def build_recompute(args, config, chunks):
                                margin=args.dots_recompute_margin)
 
 
-def _save(args, chunks, optimizer, scheduler, state: TrainState, result: TrainResult) -> None:
+def _save(args, chunks, optimizer, scheduler, state: TrainState, result: TrainResult,
+          feed) -> None:
     from .checkpointing import save_checkpoint
 
     start = time.time()
     path = save_checkpoint(
         chunks, args.save, state.iteration, args.dots_config, optimizer=optimizer,
         scheduler=scheduler, consumed_samples=state.consumed_samples,
-        consumed_tokens=state.consumed_samples * args.seq_length,
+        consumed_tokens=feed.consumed_tokens(state.consumed_samples),
         skipped_iters=state.skipped_iters, nan_iters=state.nan_iters,
         spike_iters=state.spike_iters, loss_window=state.loss_window,
         precision=precision_name(args),
@@ -177,8 +178,7 @@ def _save(args, chunks, optimizer, scheduler, state: TrainState, result: TrainRe
     log(f" saved checkpoint {path} in {time.time() - start:.1f} s")
 
 
-def _evaluate(args, chunks, valid, valid_round: int, dp_rank: int, dp_size: int) -> float:
-    from .data import micro_batches
+def _evaluate(args, chunks, feed, valid_round: int) -> float:
     from .step import forward_backward
 
     gbs = global_batch_size(args.batch_stages, 0)
@@ -187,10 +187,8 @@ def _evaluate(args, chunks, valid, valid_round: int, dp_rank: int, dp_size: int)
     losses = []
     with torch.no_grad():
         for k in range(args.eval_iters):
-            start = (valid_round * args.eval_iters + k) * gbs % max(1, len(valid) - gbs + 1)
-            batches = micro_batches(valid, start, gbs, args.micro_batch_size, dp_rank, dp_size,
-                                    _device(), vocab_size=args.dots_config.vocab_size)
-            losses.append(forward_backward(chunks, batches, args.seq_length,
+            batches = feed.valid_batches(valid_round * args.eval_iters + k, gbs)
+            losses.append(forward_backward(chunks, batches, feed.seq_length_of(batches),
                                            args.micro_batch_size, forward_only=True))
     for chunk in chunks:
         chunk.train()
@@ -198,25 +196,31 @@ def _evaluate(args, chunks, valid, valid_round: int, dp_rank: int, dp_size: int)
 
 
 def pretrain(args) -> TrainResult:
-    """Run the training the validated flags describe (see the module docstring)."""
+    """Run the pretraining the validated flags describe (see the module docstring)."""
+    from .data import GPTDataFeed
+
+    return train(args, GPTDataFeed)
+
+
+def train(args, make_feed) -> TrainResult:
+    """The training loop over the batches of `make_feed(args, train_samples, valid_samples)`
+    (called once the parallel state exists; see `data.GPTDataFeed` for what a feed does)."""
     from megatron.core import parallel_state
 
     from .comm_overlap import DataParallelOverlap
-    from .data import build_datasets, dataset_tokenizer, micro_batches
     from .optimizer import build_optimizer, build_scheduler
     from .numerics import NumericalFault, NumericsGuard
     from .step import train_step
 
     setup_model_parallel(args)
     try:
-        tokenizer = dataset_tokenizer(args)
         cfg = args.dots_config
-        if tokenizer.vocab_size > cfg.vocab_size:
-            raise ArgumentError(
-                f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
-                f"is {cfg.vocab_size}: raise --vocab-size / pick a preset that fits "
-                f"(--tokenizer-model {args.tokenizer_model})")
+        train_samples = samples_after(args, args.train_iters)
+        rounds = (args.train_iters // args.eval_interval + 1) if args.eval_iters else 0
+        largest = max(s.global_batch_size for s in args.batch_stages)
+        feed = make_feed(args, train_samples, rounds * args.eval_iters * largest)
         config = transformer_config(args)
+        feed.configure(config)
         chunks = build_model(args, config)
         optimizer = build_optimizer(args, chunks)
         scheduler = build_scheduler(args, optimizer)
@@ -224,15 +228,7 @@ def pretrain(args) -> TrainResult:
         overlap = DataParallelOverlap(chunks, optimizer)
         recompute = build_recompute(args, config, chunks)
 
-        dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = parallel_state.get_data_parallel_world_size()
-        train_samples = samples_after(args, args.train_iters)
-        rounds = (args.train_iters // args.eval_interval + 1) if args.eval_iters else 0
-        largest = max(s.global_batch_size for s in args.batch_stages)
-        train, valid = build_datasets(args, tokenizer, train_samples,
-                                      rounds * args.eval_iters * largest)
-        if valid is not None and len(valid) < largest:
-            valid = None  # a validation split too small for one batch
         log(f" dots model: {cfg.num_parameters()[0]:,} parameters "
             f"({cfg.num_parameters()[1]:,} active per token); layout tp "
             f"{args.tensor_model_parallel_size} pp {args.pipeline_model_parallel_size} "
@@ -257,12 +253,11 @@ def pretrain(args) -> TrainResult:
             while state.iteration < args.train_iters:
                 gbs = global_batch_size(args.batch_stages,
                                         state.consumed_samples * args.seq_length)
-                batches = micro_batches(train, state.consumed_samples, gbs,
-                                        args.micro_batch_size, dp_rank, dp_size, _device(),
-                                        vocab_size=cfg.vocab_size)
+                batches = feed.train_batches(state.consumed_samples, gbs)
                 loss, grad_norm, updated, verdict = train_step(
-                    chunks, optimizer, batches, args.seq_length, args.micro_batch_size,
-                    recompute=recompute, numerics=numerics)
+                    chunks, optimizer, batches, feed.seq_length_of(batches),
+                    args.micro_batch_size, recompute=recompute, numerics=numerics)
+                step_tokens = feed.global_tokens(state.consumed_samples, gbs)
                 overlap.after_step(updated)
                 state.iteration += 1
                 state.consumed_samples += gbs
@@ -274,24 +269,24 @@ def pretrain(args) -> TrainResult:
                 result.losses.append((state.iteration, loss))
                 reporter.step(state, loss, optimizer.param_groups[0]["lr"], grad_norm, gbs,
                               chunks, recompute, loss_scale=logged_loss_scale(args, optimizer),
-                              updated=updated, force_log=fault is not None)
+                              updated=updated, force_log=fault is not None,
+                              tokens=step_tokens)
 
                 stop = signals.any_rank() if args.exit_signal_handler else False
                 exit_now = bool(args.exit_interval and state.iteration % args.exit_interval == 0)
-                evaluate = bool(valid is not None and args.eval_iters
+                evaluate = bool(feed.has_validation and args.eval_iters
                                 and state.iteration % args.eval_interval == 0)
                 save = bool(args.save and (stop or exit_now or fault or (
                     args.save_interval and state.iteration % args.save_interval == 0)))
                 if evaluate or save:
                     with reporter.paused(), overlap.parameters_in_sync():
                         if evaluate:
-                            valid_loss = _evaluate(args, chunks, valid, valid_round, dp_rank,
-                                                   dp_size)
+                            valid_loss = _evaluate(args, chunks, feed, valid_round)
                             valid_round += 1
                             result.valid_losses.append((state.iteration, valid_loss))
                             reporter.validation(state.iteration, valid_loss)
                         if save:
-                            _save(args, chunks, optimizer, scheduler, state, result)
+                            _save(args, chunks, optimizer, scheduler, state, result, feed)
                 if fault:
                     raise NumericalFault(fault)
                 if stop or exit_now:
@@ -304,7 +299,7 @@ def pretrain(args) -> TrainResult:
                     args.save or "", state.iteration)
                 overlap.close()
                 if args.save and result.losses and not saved_last:
-                    _save(args, chunks, optimizer, scheduler, state, result)
+                    _save(args, chunks, optimizer, scheduler, state, result, feed)
         finally:
             overlap.close()
             signals.restore()

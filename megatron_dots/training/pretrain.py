@@ -1,4 +1,5 @@
-"""`megatron-dots pretrain` / `examples/pretrain_dots.py`: parse, validate, train.
+"""`megatron-dots pretrain` / `examples/pretrain_dots.py`: parse, validate, train (and the
+entry logic `megatron-dots sft` shares).
 
 The flags are validated before anything is started (no process group, no model), so a bad
 combination fails at once with a message naming the flags, on every rank alike.
@@ -12,11 +13,20 @@ from .arguments import ArgumentError, parse_args
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .loop import pretrain
+
+    return run_training_main(argv, parse_args, pretrain)
+
+
+def run_training_main(argv: Optional[List[str]], parse, run) -> int:
+    """Parse with `parse(argv, world_size)`, start torch.distributed, `run(args)`; errors
+    become one line and exit code 2 (1 when another rank was lost). Shared by pretrain and
+    sft."""
     import megatron_dots  # noqa: F401  (compat patches before any megatron use)
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        args = parse_args(argv, world_size)
+        args = parse(argv, world_size)
     except ArgumentError as err:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {err}", file=sys.stderr)
@@ -24,16 +34,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..compat.distributed import init_distributed, lost_peer
     from ..config import DotsConfigError
     from ..storage.errors import CheckpointError, DataFileError
-    from .loop import pretrain
+    from ..data.tokenizer import TokenizerError
     from .numerics import NumericalFault
 
     import torch
 
     init_distributed(args.distributed_backend, timeout_minutes=args.distributed_timeout_minutes)
     try:
-        result = pretrain(args)
+        result = run(args)
     except (ArgumentError, CheckpointError, DataFileError, DotsConfigError,
-            NumericalFault) as err:
+            NumericalFault, TokenizerError) as err:
         if torch.distributed.get_rank() == 0:
             print(f"error: {err}", file=sys.stderr)
         return 2

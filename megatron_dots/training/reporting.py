@@ -54,12 +54,13 @@ class Reporter:
                        "updated": 0, "updated_loss": 0.0}
 
     def step(self, state, loss, lr, grad_norm, global_batch, chunks, recompute=None,
-             loss_scale=None, updated=True, force_log=False) -> None:
-        """After every optimizer step (all ranks); `loss_scale` only with fp16. As Megatron-LM,
+             loss_scale=None, updated=True, force_log=False, tokens=None) -> None:
+        """After every optimizer step (all ranks); `loss_scale` only with fp16; `tokens`: the
+        step's tokens when not `global_batch` x --seq-length (SFT). As Megatron-LM,
         the logged loss averages the steps that updated (all of the interval's when none did);
         `force_log` logs now (the same on every rank: the line gathers from all)."""
         args, iteration = self.args, state.iteration
-        self.window["tokens"] += global_batch * args.seq_length
+        self.window["tokens"] += global_batch * args.seq_length if tokens is None else tokens
         self.window["iters"] += 1
         self.window["loss"] += loss
         if updated:

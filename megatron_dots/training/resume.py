@@ -27,16 +27,30 @@ class TrainState:
     loss_window: List[float] = field(default_factory=list)  # the loss-spike detector's
 
 
+def _has_checkpoint(path) -> bool:
+    return bool(path) and os.path.exists(path) and not (
+        os.path.isdir(path) and read_tracker(path) is None
+        and not os.path.isfile(os.path.join(path, "metadata.json")))
+
+
 def resume(args, chunks, optimizer, scheduler) -> TrainState:
-    """Load --load into the model (and optimizer/scheduler/RNG unless told not to)."""
-    if args.load is None:
-        return TrainState()
-    if not os.path.exists(args.load) or (
-            os.path.isdir(args.load) and read_tracker(args.load) is None
-            and not os.path.isfile(os.path.join(args.load, "metadata.json"))):
-        log(f" no checkpoint in {args.load} (no {TRACKER}): starting from scratch")
-        return TrainState()
-    directory, lines = choose_checkpoint(args.load, args.dots_verify_load_checksums)
+    """Load --load into the model (and optimizer/scheduler/RNG unless told not to); when
+    --load holds no checkpoint yet, the weights of --pretrained-checkpoint (Megatron-LM's
+    fine-tuning idiom: a requeued job resumes from --load, the first one starts there)."""
+    load, pretrained = args.load, getattr(args, "pretrained_checkpoint", None)
+    if not _has_checkpoint(load):
+        if load is not None:
+            log(f" no checkpoint in {load} (no {TRACKER}): starting from "
+                + (f"--pretrained-checkpoint {pretrained}" if pretrained else "scratch"))
+        if not pretrained:
+            return TrainState()
+        load = pretrained
+    return _load(args, load, load == pretrained, chunks, optimizer, scheduler)
+
+
+def _load(args, load: str, pretrained: bool, chunks, optimizer, scheduler) -> TrainState:
+    flag = "--pretrained-checkpoint" if pretrained else "--load"
+    directory, lines = choose_checkpoint(load, args.dots_verify_load_checksums)
     for line in lines:
         log(line)
     dots = load_common_state(directory).get("dots", {})
@@ -45,15 +59,15 @@ def resume(args, chunks, optimizer, scheduler) -> TrainState:
     diffs = [f"{k} (checkpoint {saved[k]}, flags {ours[k]})" for k in ours
              if k in saved and saved[k] != ours[k]]
     if diffs:
-        raise ArgumentError(f"--load {args.load}: the checkpoint's model differs from the "
+        raise ArgumentError(f"{flag} {load}: the checkpoint's model differs from the "
                             f"flags' in {'; '.join(diffs)}")
-    weights_only = (args.finetune or os.path.basename(os.path.normpath(directory)) == RELEASE
+    weights_only = (args.finetune or pretrained or os.path.basename(os.path.normpath(directory)) == RELEASE
                     or not dots.get("training_state", False))
     with_optimizer = not (weights_only or args.no_load_optim)
     if with_optimizer:
         problem = resume_precision_problem(args, dots.get("precision"))
         if problem:
-            raise ArgumentError(f"--load {args.load}: {problem}")
+            raise ArgumentError(f"{flag} {load}: {problem}")
     common = load_checkpoint(
         chunks, directory,
         optimizer=optimizer if with_optimizer else None,
@@ -69,7 +83,8 @@ def resume(args, chunks, optimizer, scheduler) -> TrainState:
         log(f" {common['optimizer_translation']}")
     if weights_only:
         log(f" loaded weights from {directory}; starting at iteration 0"
-            + ("" if args.finetune else " (the checkpoint has no optimizer state)"))
+            + ("" if args.finetune or pretrained
+               else " (the checkpoint has no optimizer state)"))
         return TrainState()
     state = TrainState(
         iteration=int(common.get("iteration", 0)),

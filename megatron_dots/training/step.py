@@ -2,9 +2,18 @@
 
 A micro-batch is either a token tensor `[micro_batch, seq_length + 1]` (inputs are all but the
 last token, labels all but the first) or a Megatron-Core GPT dataset batch, a dict of
-`tokens`, `labels`, `loss_mask` and `position_ids` `[micro_batch, seq_length]`. `train_step` runs `forward_backward_func` (no pipelining, 1F1B or
-interleaved 1F1B, as the parallel state says), whose `finalize_model_grads` reduces gradients
-and updates the router bias, then steps the optimizer.
+`tokens`, `labels`, `loss_mask` and `position_ids` `[micro_batch, seq_length]`, optionally with
+a boolean `padding_mask` (True on padding, which the router then neither counts nor balances;
+SFT's variable-length micro-batches). `train_step` runs `forward_backward_func` (no
+pipelining, 1F1B or interleaved 1F1B, as the parallel state says), whose
+`finalize_model_grads` reduces gradients and updates the router bias, then steps the optimizer.
+
+Loss normalisation follows the config, as Megatron-LM does: by default each micro-batch's loss
+is its mean over its unmasked tokens and the step averages micro-batches (and DP ranks);
+with `config.calculate_per_token_loss` the loss function returns the micro-batch's loss *sum*
+and token count, and `finalize_model_grads` divides the gradients by the token count of the
+whole global batch (all micro-batches, all DP ranks): the mean over every loss token of the
+global batch, however the batch is split.
 """
 
 import dataclasses
@@ -35,22 +44,40 @@ def lm_loss_func(loss_mask: Optional[torch.Tensor], output_tensor: torch.Tensor)
     return loss, {"lm loss": loss.detach().clone()}
 
 
+def per_token_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """For `config.calculate_per_token_loss`: the micro-batch's summed cross entropy over its
+    loss tokens, their count, and both for the report (Megatron-LM's three-value form)."""
+    mask = loss_mask.reshape(output_tensor.shape).float()
+    total = (output_tensor.float() * mask).sum()
+    count = mask.sum().to(torch.int)
+    report = torch.stack([total.detach().clone(), mask.sum().detach()])
+    return total, count, {"lm loss": report}
+
+
 def gpt_forward_step(data_iterator, model, return_schedule_plan: bool = False):
     """Megatron-Core forward step: next micro-batch -> per-token losses. The all-to-all
     overlap schedule (combined 1F1B) calls it with `return_schedule_plan=True` and gets the
     model's schedule plan instead, which it runs itself."""
     batch = next(data_iterator)
+    extra = {}
     if isinstance(batch, dict):
         inputs, labels = batch["tokens"], batch["labels"]
         positions, loss_mask = batch["position_ids"], batch["loss_mask"]
+        if batch.get("padding_mask") is not None:
+            extra["padding_mask"] = batch["padding_mask"]
     else:
         inputs, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
         positions = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
         loss_mask = None
-    loss_func = functools.partial(lm_loss_func, loss_mask)
+    if get_model_config(model).calculate_per_token_loss:
+        if loss_mask is None:
+            loss_mask = torch.ones_like(labels)
+        loss_func = functools.partial(per_token_loss_func, loss_mask)
+    else:
+        loss_func = functools.partial(lm_loss_func, loss_mask)
     if return_schedule_plan:
-        return model.build_schedule_plan(inputs, positions, None, labels=labels), loss_func
-    return model(inputs, positions, None, labels=labels), loss_func
+        return model.build_schedule_plan(inputs, positions, None, labels=labels, **extra), loss_func
+    return model(inputs, positions, None, labels=labels, **extra), loss_func
 
 
 def wrap_with_ddp(
@@ -101,9 +128,6 @@ def forward_backward(
             chunk.zero_grad_buffer()
     iterators = [iter(micro_batches) for _ in chunks]
     forward_step_func = gpt_forward_step
-    if recompute is not None and get_model_config(chunks[0]).overlap_moe_expert_parallel_comm:
-        raise ValueError("the recompute planner does not support the all-to-all overlap "
-                         "schedule (overlap_moe_expert_parallel_comm) yet")
     if recompute is not None:
         recompute.begin_step(micro_batches, forward_only=forward_only)
         forward_step_func = recompute.wrap(gpt_forward_step)
@@ -155,11 +179,13 @@ def train_step(
 
 
 def global_mean_loss(losses) -> float:
-    """Mean of the micro-batch losses of the whole global batch, on every rank."""
+    """The global batch's loss, on every rank: the mean of the micro-batch means, or with
+    per-token losses (a `[sum, count]` report) the mean over all its loss tokens."""
     total = torch.zeros(2, dtype=torch.float64)
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         for item in losses:
-            total += torch.tensor([item["lm loss"].item(), 1.0], dtype=torch.float64)
+            report = item["lm loss"].detach().double().cpu().flatten()
+            total += report if report.numel() == 2 else torch.cat([report, report.new_ones(1)])
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(total)
-    return (total[0] / total[1]).item()
+    return (total[0] / total[1].clamp(min=1)).item()

@@ -284,3 +284,36 @@ def test_loaded_adam_steps_are_per_parameter(seeded, monkeypatch):
     _original(monkeypatch, "load_state_dict")
     shared, steps = steps_after_load_and_step()
     assert shared and steps[0] > 10
+
+
+def test_expert_bias_count_takes_a_padding_mask(seeded, monkeypatch):
+    """Patch 10: a router with a padding mask counts only the real tokens for the bias update
+    (megatron-core 0.16.1 / 0.19.2 fail to broadcast the mask over the experts)."""
+    from megatron.core.transformer.moe import router as router_module
+
+    from megatron_dots.model.router import DotsRouter
+    from reference import tiny_config
+
+    tc = tiny_config().to_transformer_config()
+    router = DotsRouter(tc).train()
+    router.set_layer_number(2)
+    tokens = torch.randn(12, 1, tc.hidden_size)
+    padding = torch.zeros(1, 12, dtype=torch.bool)
+    padding[0, 7:] = True
+
+    def count(pad):
+        router.local_tokens_per_expert.zero_()
+        _, routing_map = router(tokens, padding_mask=pad)
+        return router.local_tokens_per_expert.clone(), routing_map
+
+    counted, routing_map = count(padding.transpose(0, 1))
+    assert counted.sum().item() == 7 * tc.moe_router_topk
+    assert torch.equal(counted, routing_map[:7].sum(0).float())
+    current = router_module.TopKRouter.__dict__["_apply_expert_bias"]
+    if not getattr(current, "__megatron_dots_patched__", False):
+        return  # megatron-core with the fix: nothing to undo
+    original = current.__wrapped_original__
+    monkeypatch.setattr(router_module.TopKRouter, "_apply_expert_bias",
+                        getattr(original, "_torchdynamo_orig_callable", original))
+    with pytest.raises(RuntimeError, match="must match the size"):
+        count(padding.transpose(0, 1))
