@@ -90,6 +90,7 @@ class SFTDataFeed:
             micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
             pad_multiple=args.dots_sft_pad_multiple, pad_id=tokenizer.eod,
             length_grouped=args.dots_sft_length_grouped, seed=args.seed)
+        self._check_token_ids(vocab)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.device = default_device()
@@ -109,6 +110,17 @@ class SFTDataFeed:
         self.valid = SampleOrder(valid, args.seed + 1) if len(valid) else None
         self.epoch_samples = len(train)
         self._log_counts(train, valid, train_samples)
+
+    def _check_token_ids(self, vocab: int) -> None:
+        """Once, before training (not per step): every cached id must be in the vocabulary;
+        an error names the first conversation that is not."""
+        tokens = numpy.asarray(self.dataset.tokens)
+        if not len(tokens) or (int(tokens.max()) < vocab and int(tokens.min()) >= 0):
+            return
+        first = int(numpy.flatnonzero((tokens >= vocab) | (tokens < 0))[0])
+        index = int(numpy.searchsorted(numpy.asarray(self.dataset.offsets), first, "right")) - 1
+        raise DataFileError(self.args.data_path[0], f"conversation {index} holds token id "
+                            f"{int(tokens[first])}, outside the model's vocabulary of {vocab} ids")
 
     def _log_counts(self, train, valid, train_samples: int) -> None:
         meta = getattr(self.dataset, "meta", {}) or {}
@@ -134,16 +146,10 @@ class SFTDataFeed:
 
     def _batches(self, order: SampleOrder, start: int, global_batch: int):
         conversations = self._conversations(order, start, global_batch)
-        vocab = self.args.dots_config.vocab_size
         batches = []
         for slots in rank_slots(global_batch, self.config.micro_batch_size, self.dp_rank,
                                 self.dp_size):
             samples = [self.dataset.sample(conversations[s]) for s in slots]
-            for index, (tokens, _) in zip((conversations[s] for s in slots), samples):
-                if len(tokens) and (int(tokens.max()) >= vocab or int(tokens.min()) < 0):
-                    raise DataFileError(self.args.data_path[0], f"conversation {index} holds "
-                                        f"token id {int(tokens.max())}, outside the model's "
-                                        f"vocabulary of {vocab} ids")
             batch = make_micro_batch(samples, self.config)
             batches.append({k: v.to(self.device) for k, v in batch.items()})
         return batches

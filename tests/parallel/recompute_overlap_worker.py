@@ -39,16 +39,14 @@ from megatron.core import parallel_state  # noqa: E402
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed  # noqa: E402
 
 from megatron_dots.compat.distributed import init_distributed  # noqa: E402
-from megatron_dots.convert.sharding import local_grads, local_tensors  # noqa: E402
 from megatron_dots.recompute import RecomputeController  # noqa: E402
 from megatron_dots.recompute.layer import decoder_layers  # noqa: E402
 from megatron_dots.recompute.planner import simulate_peak  # noqa: E402
 from megatron_dots.recompute.schedule_order import max_in_flight  # noqa: E402
 from megatron_dots.recompute.shapes import MicroBatchShape  # noqa: E402
 from megatron_dots.schedule.a2a_overlap import enable_a2a_overlap  # noqa: E402
-from megatron_dots.training import forward_backward  # noqa: E402
 from layout_flags import add_layout_flags, layout_sizes  # noqa: E402
-from worker_common import ddp_model_and_sgd, run_and_exit  # noqa: E402
+from worker_common import ddp_model_and_sgd, run_and_exit, train_iteration  # noqa: E402
 from reference import make_hf_model, mcore_full_state, tiny_config  # noqa: E402
 
 MICRO_BATCH_SIZE = 2
@@ -140,15 +138,7 @@ def build(args, cfg, full, overlap, delay_wgrad):
 
 
 def step(chunks, optimizer, batches, seq, recompute=None):
-    optimizer.zero_grad()
-    loss = forward_backward(chunks, batches, seq, MICRO_BATCH_SIZE, recompute=recompute)
-    grads, biases = {}, {}
-    for chunk in chunks:
-        grads.update(local_grads(chunk))
-        biases.update({key: t.detach().clone() for _, key, t in local_tensors(chunk)
-                       if key.endswith("router.expert_bias")})
-    optimizer.step()
-    return {"loss": loss, "grads": grads, "bias": biases}
+    return train_iteration(chunks, optimizer, batches, seq, MICRO_BATCH_SIZE, recompute)
 
 
 def set_budget(ctl, args, micro_batches):

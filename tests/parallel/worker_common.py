@@ -27,10 +27,13 @@ def ddp_model_and_sgd(cfg, config, full, backend):
     return chunks, optimizer
 
 
-def train_iteration(chunks, optimizer, micro_batches, seq_length, micro_batch_size) -> dict:
-    """forward_backward over `micro_batches`, record, optimizer step."""
+def train_iteration(chunks, optimizer, micro_batches, seq_length, micro_batch_size,
+                    recompute=None) -> dict:
+    """forward_backward over `micro_batches` (with a recompute controller, if given), record,
+    optimizer step."""
     optimizer.zero_grad()
-    loss = forward_backward(chunks, micro_batches, seq_length, micro_batch_size)
+    loss = forward_backward(chunks, micro_batches, seq_length, micro_batch_size,
+                            recompute=recompute)
     grads, biases = {}, {}
     for chunk in chunks:
         grads.update(local_grads(chunk))
