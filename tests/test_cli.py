@@ -71,7 +71,8 @@ def test_demo_trains_resumes_plots_and_matches_transformers(tmp_path):
     sft = subprocess.run([sys.executable, os.path.join(root, "examples", "sft_demo_model.py"),
                           str(tmp_path), "--steps", "12"], capture_output=True, text=True,
                          timeout=600, env=dict(os.environ, MEGATRON_DOTS_QUIET="1",
-                                               PYTHONPATH=root))
+                                               PYTHONPATH=os.pathsep.join(
+                                                   [root, os.environ.get("PYTHONPATH", "")])))
     assert sft.returncode == 0, sft.stderr[-3000:]
     assert sft.stdout.count("  Assistant: ") == 4, sft.stdout[-2000:]
     rows = (tmp_path / "sft" / "ckpt" / "losses.csv").read_text().splitlines()[1:]

@@ -9,7 +9,7 @@ Status on 0.19 (CI runs the suite against megatron-core 0.19.2, see .ci/run): pa
 (``maybe_move_tensor_to_cpu`` still converts CUDA tensors only) and its wrapper passes through
 the ``use_nccl_stream`` argument that 0.19 added to ``_AllToAll.forward``; patch 3 is needed on
 both; patches 6, 8 and 9 on 0.16.1, 0.19.2 and 0.20.0, patches 7 and 10 on 0.16.1 and 0.19.2 (0.20.0,
-Megatron-LM main, has the fix: the patch detects it and stands down).
+Megatron-LM main, has the fix: the patch detects it and stands down); patch 11 on 0.16.1 only.
 
 1. ``megatron/core/transformer/moe/moe_utils.py`` (megatron-core 0.16.1):
    ``RouterGatingLinearFunction.forward/backward`` test ``te_general_gemm is not None``, but
@@ -104,6 +104,16 @@ Megatron-LM main, has the fix: the patch detects it and stands down).
     every training forward (or, when T == E, a silently wrong count). Fix: hand the original a
     ``[tokens, 1]`` mask, which broadcasts over the experts. Applied only when the method's
     source lacks the fix.
+
+11. ``megatron/core/dist_checkpointing/strategies/common.py:TorchCommonLoadStrategy.load_common``
+    (megatron-core 0.16.1; 0.19 reads both formats): megatron-core 0.19 stopped writing
+    ``common.pt`` and keeps a checkpoint's common state as the ``common_state`` object inside
+    the torch_dist files. 0.16.1 (the newest release for Python 3.11) looks only for
+    ``common.pt`` and, on its missing-file path, fails with ``AttributeError: 'str' object has
+    no attribute 'iterdir'``: a checkpoint trained on a 0.19 cluster cannot be resumed,
+    converted or analysed on a 3.11 machine. Fix: when ``common.pt`` is absent and the
+    checkpoint's metadata holds ``common_state``, read it from there (the sharded tensors of
+    both formats are the same). Applied only when the module has no reader of that format.
 """
 
 from __future__ import annotations
@@ -518,6 +528,61 @@ def _patch_expert_bias_padding_mask() -> None:
     wrapper.__dict__.pop("_torchdynamo_orig_callable", None)
 
 
+def read_inline_common_state(checkpoint_dir: str):
+    """The common state that megatron-core >= 0.19 stores inside the torch_dist files (the
+    ``common_state`` sharded object, a pickled one-element list), or None when absent."""
+    import io
+
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader, load
+
+    reader = FileSystemReader(checkpoint_dir)
+    keys = [k for k in reader.read_metadata().state_dict_metadata
+            if k.split("/", 1)[0] == "common_state"]
+    if len(keys) != 1:
+        return None
+    request = {keys[0]: io.BytesIO()}
+    load(request, storage_reader=FileSystemReader(checkpoint_dir), no_dist=True)
+    loaded = request[keys[0]]
+    if isinstance(loaded, io.BytesIO):
+        loaded.seek(0)
+        loaded = torch.load(loaded, weights_only=True)
+    return loaded[0]
+
+
+def _patch_inline_common_state() -> None:
+    """strategies/common.py (0.16.1): checkpoints of megatron-core >= 0.19 have no common.pt."""
+    site = ("megatron/core/dist_checkpointing/strategies/common.py:"
+            "TorchCommonLoadStrategy.load_common")
+    modules = _import_or_skip(site, "megatron.core.dist_checkpointing.serialization",
+                              "megatron.core.dist_checkpointing.strategies.common")
+    if modules is None:
+        return
+    serialization, common = modules
+    if hasattr(serialization, "_legacy_common_state_exists"):
+        _SKIPPED.append((site, "reads the common state stored inside torch_dist files"))
+        return
+
+    def make_wrapper(original):
+        def load_common(self, checkpoint_dir):
+            import os
+
+            directory = str(checkpoint_dir)
+            if not os.path.exists(os.path.join(directory, common.COMMON_STATE_FNAME)) and (
+                    os.path.isfile(os.path.join(directory, ".metadata"))):
+                state = read_inline_common_state(directory)
+                if state is not None:
+                    return state
+            return original(self, checkpoint_dir)
+
+        return load_common
+
+    _wrap_method(site, "megatron.core.dist_checkpointing.strategies.common",
+                 "TorchCommonLoadStrategy", "load_common", make_wrapper,
+                 "reads the common state that megatron-core >= 0.19 keeps inside the "
+                 "torch_dist files (no common.pt)")
+
+
 def apply_runtime_patches() -> List[Tuple[str, str]]:
     """Apply all runtime patches once; returns :func:`applied_patches`."""
     global _APPLIED
@@ -533,5 +598,6 @@ def apply_runtime_patches() -> List[Tuple[str, str]]:
             _patch_distopt_set_states_step()
             _patch_distopt_shared_step()
             _patch_expert_bias_padding_mask()
+            _patch_inline_common_state()
             _APPLIED = True
     return applied_patches()
