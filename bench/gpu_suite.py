@@ -182,6 +182,23 @@ def sft_rows(out: str, dry: bool) -> List[Dict]:
     return rows
 
 
+def plan_rows(out: str, dry: bool) -> List[Dict]:
+    """`megatron-dots plan` against two dots-mini runs: planned / measured memory (allocator
+    peak) and step time, recorded; the runs must finish."""
+    report = _report(out, "plan_bench.json")
+    if report is None:
+        return [_row("plan_bench.json", None, "written", False)]
+    rows = []
+    for name, entry in report["results"].items():
+        measured = entry["measured"]
+        rows.append(_row(f"{name}: run exit code", measured["rc"], "0", measured["rc"] == 0))
+        rows.append(_row(f"{name}: planned / measured memory",
+                         entry.get("memory_planned_over_measured"), "reported (CUDA only)", None))
+        rows.append(_row(f"{name}: planned / measured step time",
+                         entry.get("step_planned_over_measured"), "reported", None))
+    return rows
+
+
 def _log_values(log: str, key: str) -> List[float]:
     values = []
     for line in log.splitlines():
@@ -272,6 +289,11 @@ def steps(out: str) -> List[Dict]:
                         "--global-batch", "8", "--micro-batch-size", "2", "--steps", "4",
                         "--warmup", "1", "--budget-gb", "0.02", "--bucket", "32",
                         "--out", f"{out}/sft_bench.json")),
+        dict(name="plan", limit_s=150, rows=plan_rows,
+             gpu=_bench("plan_bench.py", "--gpu", "h200", "--iters", "6", "--timeout-s", "70",
+                        "--markdown", "--out", f"{out}/plan_bench.json"),
+             dry=_bench("plan_bench.py", "--model", "dots-tiny", "--seq", "64", "--iters", "3",
+                        "--vocab-size", "500", "--out", f"{out}/plan_bench.json")),
         dict(name="pretrain", limit_s=150, rows=pretrain_rows,
              gpu=[PY, os.path.join(ROOT, "examples", "pretrain_dots.py"), "--dots-model",
                   "dots-mini", "--micro-batch-size", "1", "--global-batch-size", "8",

@@ -184,6 +184,12 @@ def _verify(argv) -> int:
     return main(argv)
 
 
+def _plan(argv) -> int:
+    from .plan.cli import main
+
+    return main(argv)
+
+
 def _megatron_lm_args(argv) -> int:
     from .megatron_lm.native_flags import main
 
@@ -214,6 +220,8 @@ COMMANDS = {
                      "--over-time each layer's max share and imbalance against iteration"),
     "megatron-lm-args": (_megatron_lm_args, "the native Megatron-LM flags of a preset (for "
                          "pretrain_gpt.py --spec megatron_dots.megatron_lm.spec dots_spec)"),
+    "plan": (_plan, "will a layout fit, and how fast will it run: per-rank memory and step "
+             "time of one layout, or --search over every layout on N GPUs"),
     "simulate-schedule": (_simulate_schedule, "step time, bubble and exposed all-to-all of "
                           "1F1B / interleaved / overlapped schedules from per-op times (PNG)"),
 }

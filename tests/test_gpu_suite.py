@@ -16,8 +16,8 @@ sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
 
 import gpu_suite  # noqa: E402
 
-STEPS = ["layer_bench", "grouped_vs_sequential", "a2a_overlap", "recompute", "sft", "pretrain",
-         "a2a_timing", "analysis", "megatron_lm"]
+STEPS = ["layer_bench", "grouped_vs_sequential", "a2a_overlap", "recompute", "sft", "plan",
+         "pretrain", "a2a_timing", "analysis", "megatron_lm"]
 
 
 @pytest.mark.heavy
@@ -60,6 +60,12 @@ def test_dry_run_runs_every_step(tmp_path):
     assert sft["results"]["planner"]["steps_over_budget_predicted"] == 0
     assert sft["results"]["none"]["steps_over_budget_predicted"] >= 1
     assert sft["speedup"]["planner_over_static_common"] > 0
+    # The plan step planned and ran both layouts (the plan of exactly pretrain's flags).
+    plan = json.loads((tmp_path / "plan_bench.json").read_text())["results"]
+    assert list(plan) == ["mbs1", "mbs2-budget"]
+    for name, entry in plan.items():
+        assert entry["measured"]["rc"] == 0 and entry["measured"]["step_time_s"] > 0, name
+        assert entry["planned"]["counted_gib"] > 0 and entry["planned"]["fits"], name
     # --dots-a2a-timing ran in both schedules (torchrun, gloo, EP 2) and reported its shares.
     timing = json.loads((tmp_path / "a2a_timing.json").read_text())["results"]
     assert list(timing) == ["plain", "overlap"]

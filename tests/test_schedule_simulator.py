@@ -172,3 +172,12 @@ def test_validation_against_cpu_runs_smoke(tmp_path):
         assert result["measured_step_ms"] > 0 and result["simulated_step_ms"] > 0
         assert len(result["measured_bubble"]) == len(result["simulated_bubble"]) == 2
     assert "| interleaved |" in proc.stdout
+
+
+def test_overlap_without_a_steady_state_runs_every_pass_unpaired():
+    """micro-batches = PP with VPP > 1: every forward of the first rank is warmup, so
+    Megatron-Core's combined 1F1B pairs nothing (the simulator used to deadlock here)."""
+    res = simulate("overlap", OpTimes(), pp=2, vpp=2, ep=8, micro_batches=2)
+    passes = {(op.rank, op.kind, op.micro_batch, op.chunk) for op in res.ops}
+    assert passes == {(r, k, m, c) for r in range(2) for k in "FB" for m in range(2)
+                      for c in range(2)}

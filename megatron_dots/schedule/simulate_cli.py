@@ -69,6 +69,31 @@ def default_schedules(pp: int, vpp: Optional[int]) -> List[str]:
     return out + ["overlap"]
 
 
+def draw_timeline(ax, res: SimResult) -> None:
+    """One schedule's ops on `ax`: a compute and a comm row per pipeline rank."""
+    ranks = max(op.rank for op in res.ops) + 1
+    for op in res.ops:
+        row = 2 * op.rank + (1 if op.stream == COMM else 0)
+        base = op.name.replace("_bwd", "").replace("_dgrad", "")
+        color = COLORS.get(op.name, COLORS.get(base, "#999999"))
+        ax.barh(row, op.end - op.start, left=op.start, height=0.8, color=color,
+                alpha=0.55 if op.kind == "B" else 1.0, edgecolor="none")
+    ax.set_yticks(range(2 * ranks),
+                  [f"rank {r} {s}" for r in range(ranks) for s in ("compute", "a2a")])
+    ax.invert_yaxis()
+    s = res.summary()
+    ax.set_title(f"{res.schedule}: step {s['step_ms']:.1f} ms, bubble {100 * s['bubble']:.1f}%, "
+                 f"exposed a2a {s['exposed_a2a_ms']:.1f} ms "
+                 f"({100 * s['exposed_a2a_share_of_moe_layer']:.1f}% of MoE-layer time)",
+                 fontsize=9)
+
+
+def timeline_legend(fig) -> None:
+    from matplotlib.patches import Patch
+
+    fig.legend(handles=[Patch(color=c, label=n) for n, c in COLORS.items()], loc="outside right")
+
+
 def draw(results: List[SimResult], png: str) -> str:
     """One panel per schedule: a compute and a comm row per pipeline rank."""
     from ..telemetry.plots import new_figure, save_png
@@ -77,24 +102,9 @@ def draw(results: List[SimResult], png: str) -> str:
     fig = new_figure(width=14.0, height=1.0 + 0.9 * ranks * len(results))
     axes = fig.subplots(len(results), 1, squeeze=False, sharex=True)[:, 0]
     for ax, res in zip(axes, results):
-        for op in res.ops:
-            row = 2 * op.rank + (1 if op.stream == COMM else 0)
-            base = op.name.replace("_bwd", "").replace("_dgrad", "")
-            color = COLORS.get(op.name, COLORS.get(base, "#999999"))
-            ax.barh(row, op.end - op.start, left=op.start, height=0.8, color=color,
-                    alpha=0.55 if op.kind == "B" else 1.0, edgecolor="none")
-        ax.set_yticks(range(2 * ranks),
-                      [f"rank {r} {s}" for r in range(ranks) for s in ("compute", "a2a")])
-        ax.invert_yaxis()
-        s = res.summary()
-        ax.set_title(f"{res.schedule}: step {s['step_ms']:.1f} ms, bubble {100 * s['bubble']:.1f}%, "
-                     f"exposed a2a {s['exposed_a2a_ms']:.1f} ms "
-                     f"({100 * s['exposed_a2a_share_of_moe_layer']:.1f}% of MoE-layer time)",
-                     fontsize=9)
+        draw_timeline(ax, res)
     axes[-1].set_xlabel("ms (forward solid, backward light)")
-    from matplotlib.patches import Patch
-
-    fig.legend(handles=[Patch(color=c, label=n) for n, c in COLORS.items()], loc="outside right")
+    timeline_legend(fig)
     return save_png(fig, png)
 
 

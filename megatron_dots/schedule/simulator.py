@@ -28,6 +28,7 @@ bubble (idle share of the step on the compute stream), and exposed all-to-all ti
 stream busy while the compute stream idles), also as a share of MoE-layer time.
 """
 
+import bisect
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -292,7 +293,10 @@ def _rank_order(micro_batches, pp, rank, vpp, extra, overlap):
                              extra_warmup=extra if vpp > 1 else 0)
     if vpp == 1 and extra:  # plain 1F1B order with one more warmup forward
         events = _one_more_warmup(events)
-    if not overlap:
+    warmup = 2 * (pp - rank - 1) + (vpp - 1) * pp + extra
+    if not overlap or (vpp > 1 and warmup >= vpp * micro_batches):
+        # Without a steady state (every forward of this rank is warmup) Megatron-Core's
+        # combined 1F1B pairs nothing.
         return [(ev,) for ev in events]
     items, i = [], 0
     while i < len(events):
@@ -364,12 +368,17 @@ def _uncovered(intervals, cover) -> float:
             merged[-1][1] = max(merged[-1][1], e)
         else:
             merged.append([s, e])
+    starts = [s for s, _ in merged]
     total = 0.0
     for s, e in intervals:
         length = e - s
-        for cs, ce in merged:
-            if ce <= s or cs >= e:
-                continue
-            length -= min(e, ce) - max(s, cs)
+        # merged intervals are disjoint and sorted: only those from the last one starting
+        # at or before s up to the last one starting before e can overlap [s, e)
+        i = max(bisect.bisect_right(starts, s) - 1, 0)
+        while i < len(merged) and merged[i][0] < e:
+            cs, ce = merged[i]
+            if ce > s:
+                length -= min(e, ce) - max(s, cs)
+            i += 1
         total += max(length, 0.0)
     return total
