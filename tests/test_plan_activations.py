@@ -1,5 +1,6 @@
 """`megatron_dots.plan.activations`: the analytic activation memory against what the saved-tensor
-counter (`recompute.measure.SavedBytes`) measures on real models.
+counter (`recompute.measure.SavedBytes`) measures on real models. The measured tests are marked
+`heavy` (.ci/run runs them on megatron-core 0.16.1 and 0.19.2).
 
 * Measured (torchrun, 2 CPU processes, one launch for every case): dots-tiny and a
   dots-mini-shaped model (64 experts, top-6) under DP 2, TP 2 + SP, EP 2 and PP 2 (x VPP 2),
@@ -176,6 +177,7 @@ def comparisons(records):
     return rows
 
 
+@pytest.mark.heavy
 def test_every_case_and_mode_was_measured(measured):
     seen = {(r["case"], r["mode"]) for r in measured}
     assert seen == {(c["id"], m) for c in CASES for m in c["modes"]}
@@ -183,6 +185,7 @@ def test_every_case_and_mode_was_measured(measured):
     assert len(ranks) == 2 * len(CASES)
 
 
+@pytest.mark.heavy
 def test_layer_and_chunk_bytes_match_the_counter_in_every_recompute_mode(measured):
     rows = comparisons(measured)
     assert len(rows) > 300
@@ -199,6 +202,7 @@ def test_layer_and_chunk_bytes_match_the_counter_in_every_recompute_mode(measure
             assert (kind, mode) in worst, (kind, mode)
 
 
+@pytest.mark.heavy
 def test_each_quantity_matches_the_counter(measured):
     """Without recompute, per layer: rest, attention core, MLP block and the MLP's input."""
     checked = 0
@@ -221,6 +225,7 @@ def test_each_quantity_matches_the_counter(measured):
     assert checked > 100
 
 
+@pytest.mark.heavy
 def test_balanced_routing_predicts_the_mean_over_expert_parallel_peers(measured):
     """Token copies are conserved: the peers' mean is t x top-k exactly, so the prediction with
     routing_imbalance=1.0 matches the mean of their MoE bytes, though single ranks differ (to
@@ -248,6 +253,7 @@ def test_balanced_routing_predicts_the_mean_over_expert_parallel_peers(measured)
     assert spread > 0.01  # the ranks themselves were not balanced
 
 
+@pytest.mark.heavy
 def test_pipeline_peak_in_schedule_order(measured):
     """The rank's saved-tensor peak over Megatron-Core's (interleaved) 1F1B order, from the
     per-(micro-batch, chunk) totals the counter measured, against `rank_activation_memory`."""
@@ -287,10 +293,12 @@ def schedule_peak(events, bytes_of) -> float:
     return peak
 
 
+@pytest.mark.heavy
 def test_planned_recompute_keeps_what_the_plan_predicts(measured):
     """Budgets between the least memory and the peak without recompute: the recompute planner,
-    run on the analytic model, mixes modes; applied to the real model (the worker), each (micro-batch, chunk) keeps what the plan
-    predicts, and the rank's measured peak in schedule order stays under the budget."""
+    run on the analytic model, mixes modes; applied to the real model (the worker), each
+    (micro-batch, chunk) keeps what the plan predicts, and the rank's measured peak in schedule
+    order stays under the budget."""
     seen = set()
     for c in (c for c in CASES if "chunk_modes" in c):
         cfg = config_of(c)

@@ -1,5 +1,6 @@
 """`megatron_dots.plan.static_memory`: the plan's parameters, gradient buffers and optimizer
-state per rank equal what Megatron-Core builds, to the byte.
+state per rank equal what Megatron-Core builds, to the byte. The built-model tests are marked
+`heavy` (.ci/run runs them on megatron-core 0.16.1 and 0.19.2).
 
 * Built models (torchrun, 4 CPU processes, one launch for all layouts): dots-tiny and a shrunk
   dots-mini under TP / PP / VPP / EP, bf16 and fp32, with and without the distributed optimizer
@@ -63,12 +64,14 @@ def built(tmp_path_factory):
     return {case["name"]: [rank[case["name"]] for rank in ranks] for case in CASES}
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("case", [c["name"] for c in CASES])
 def test_plan_equals_the_built_model_to_the_byte(built, case):
     for rank, result in enumerate(built[case]):
         assert result["problems"] == [], f"rank {rank}: " + "\n".join(result["problems"])
 
 
+@pytest.mark.heavy
 def test_the_built_cases_exercise_padding_buckets_and_master_weights(built):
     """Guard against a vacuous comparison: some cases pad, split buckets, shard experts over
     expert-DP and keep fp32 main weights."""

@@ -8,8 +8,9 @@ Status on 0.19 (CI runs the suite against megatron-core 0.19.2, see .ci/run): pa
 1 is skipped there (``te_general_gemm`` is bound in every branch); patch 2 is still needed
 (``maybe_move_tensor_to_cpu`` still converts CUDA tensors only) and its wrapper passes through
 the ``use_nccl_stream`` argument that 0.19 added to ``_AllToAll.forward``; patch 3 is needed on
-both; patches 6, 8 and 9 on 0.16.1, 0.19.2 and 0.20.0, patches 7 and 10 on 0.16.1 and 0.19.2 (0.20.0,
-Megatron-LM main, has the fix: the patch detects it and stands down); patch 11 on 0.16.1 only.
+both; patches 6, 8 and 9 on 0.16.1, 0.19.2 and 0.20.0, patches 7 and 10 on 0.16.1 and 0.19.2
+(0.20.0, Megatron-LM main, has the fix: the patch detects it and stands down); patch 11 on
+0.16.1 only.
 
 1. ``megatron/core/transformer/moe/moe_utils.py`` (megatron-core 0.16.1):
    ``RouterGatingLinearFunction.forward/backward`` test ``te_general_gemm is not None``, but

@@ -29,7 +29,7 @@ def draw_plan(plan: LayoutPlan, png: str) -> str:
     left.set_ylabel("GiB per GPU")
     left.set_title(f"{plan.layout.describe()}: "
                    + ("fits" if plan.fits else "does not fit"), fontsize=9)
-    left.legend(fontsize=7, loc="lower right")
+    left.legend(fontsize=7, loc="upper center", ncol=2, bbox_to_anchor=(0.5, -0.1))
     draw_timeline(right, plan.step.sim)
     right.set_xlabel(f"ms: the MoE layers of the first {plan.step.sim_micro_batches} of "
                      f"{plan.layout.num_micro_batches} micro-batches per step, as simulated "
