@@ -470,6 +470,14 @@ def main(argv=None):
         print()
         print_markdown(results)
 
+    return finish_report(args, device, dtype, total, static, budget, common_steps, workload,
+                         results)
+
+
+def finish_report(args, device, dtype, total, static, budget, common_steps, workload, results,
+                  **extra) -> dict:
+    """Write the benchmark's JSON report (the fields every recompute benchmark has, then
+    `extra`) to --out and tear down model parallelism; returns the report."""
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "host": host_info(device),
@@ -481,6 +489,7 @@ def main(argv=None):
         "common_steps": sorted(common_steps),
         "workload": workload,
         "results": results,
+        **extra,
     }
     write_report(report, args.out)
     print(f"report: {args.out}")

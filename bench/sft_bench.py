@@ -63,10 +63,11 @@ from typing import Dict, List, Sequence
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import build, host_info, markdown_table, write_report  # noqa: E402
+from common import build, markdown_table  # noqa: E402
 from recompute_bench import (  # noqa: E402
     GIB,
     STRATEGIES,
+    finish_report,
     fmt,
     predicted_step_peak,
     print_table,
@@ -398,26 +399,8 @@ def main(argv=None):
         print()
         print(markdown_table(HEADER, table_rows(results)))
 
-    report = {
-        "date": time.strftime("%Y-%m-%d"),
-        "host": host_info(device),
-        "args": vars(args),
-        "dtype": dtype,
-        "parameters": total,
-        "static_bytes": static,
-        "activation_budget_bytes": budget,
-        "distribution": dist,
-        "common_steps": sorted(common_steps),
-        "speedup": speedup,
-        "workload": workload,
-        "results": results,
-    }
-    write_report(report, args.out)
-    print(f"report: {args.out}")
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-    return report
+    return finish_report(args, device, dtype, total, static, budget, common_steps, workload,
+                         results, distribution=dist, speedup=speedup)
 
 
 if __name__ == "__main__":

@@ -335,7 +335,6 @@ def test_dots_llm1_layer_bytes():
     input, which TP does not divide: at TP 1 a MoE layer keeps 2.28 GB (the sbatch comment's
     ~2.4 GB) and at TP 8 the first stage ~39 GB (its ~40 GB)."""
     shape = MicroBatchShape(1, 8192)
-    start = time.time()
     moe = layer_quantities(DOTS, SBATCH, "moe", shape, 2)
     dense = layer_quantities(DOTS, SBATCH, "dense", shape, 2)
     none = lambda q: q["rest"] + q["attn_core"] + q["mlp"]  # noqa: E731
@@ -345,7 +344,6 @@ def test_dots_llm1_layer_bytes():
     parts = layer_parts(DOTS, SBATCH, "moe", shape, 2)["mlp"]
     assert max(parts, key=parts.get) == "routed_experts"
     memory = [rank_activation_memory(DOTS, SBATCH, r) for r in range(2)]
-    assert time.time() - start < 5
     assert [m.in_flight for m in memory] == [2, 1]
     for m in memory:
         assert m.fits_budget and m.recompute_flops == 0

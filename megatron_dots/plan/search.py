@@ -42,10 +42,7 @@ def candidate_layouts(cfg: DotsConfig, base: Layout, gpus_per_node: int,
     """Every valid layout on `base.gpus` GPUs, keeping base's batch, sequence, precision and
     optimizer settings."""
     tp_limit = min(gpus_per_node, base.gpus)
-    tps = [t for t in divisors(cfg.num_attention_heads)
-           if t <= tp_limit and not (cfg.num_query_groups % t or cfg.ffn_hidden_size % t
-                                     or cfg.moe_ffn_hidden_size % t)]
-    for tp in tps:
+    for tp in (t for t in divisors(cfg.num_attention_heads) if t <= tp_limit):
         for pp in divisors(cfg.num_layers):
             if base.gpus % (tp * pp):
                 continue

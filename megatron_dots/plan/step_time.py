@@ -76,6 +76,7 @@ from ..config import DotsConfig
 from ..schedule.simulator import OpTimes, SimResult, simulate
 from .hardware import Hardware
 from .layout import Layout
+from .static_memory import rank_static_memory
 
 ADAM_TRAFFIC_PER_STATE_BYTE = 34 / 12  # see module docstring
 GRAD_BYTES = 4  # Megatron-Core reduces gradients in fp32 (grad_reduce_in_fp32)
@@ -290,33 +291,6 @@ def model_flops_per_token(cfg: DotsConfig, seq_length: int) -> float:
     return 6.0 * matmul + attention
 
 
-# ------------------------------------------------------------------- per-rank parameters
-def rank_parameters(cfg: DotsConfig, layout: Layout, pp_rank: int) -> Tuple[float, float]:
-    """(dense, expert) parameters held by one GPU of pipeline rank `pp_rank` (TP shards;
-    norms, q/k norms and the router replicated; vocab padded as Megatron-LM pads it)."""
-    h, tp, d = cfg.hidden_size, layout.tp, cfg.kv_channels
-    q, kv = cfg.num_attention_heads * d, cfg.num_query_groups * d
-    attn = (h * (q + 2 * kv) + q * h) / tp + 2 * d + 2 * h
-    if cfg.attention_bias:
-        attn += (q + 2 * kv) / tp
-    dense = expert = 0.0
-    for chunk in layout.stage_layers(cfg, pp_rank):
-        for layer in chunk:
-            dense += attn
-            if layer < cfg.first_k_dense:
-                dense += 3 * h * cfg.ffn_hidden_size / tp
-            else:
-                dense += cfg.num_moe_experts * h + 3 * h * (cfg.shared_expert_intermediate_size
-                                                            or 0) / tp
-                expert += (cfg.num_moe_experts / layout.ep) * 3 * h * cfg.moe_ffn_hidden_size / tp
-    vocab = cfg.padded_vocab_size(tp) * h / tp
-    if pp_rank == 0:
-        dense += vocab
-    if pp_rank == layout.pp - 1:
-        dense += vocab + h
-    return dense, expert
-
-
 # ----------------------------------------------------------------------- prediction
 @dataclass
 class StepPrediction:
@@ -460,7 +434,8 @@ def predict_step(cfg: DotsConfig, layout: Layout, hw: Hardware,
                    + times.shared_bwd) / 1e3
     sync, sync_total, opt = 0.0, 0.0, 0.0
     for r in range(pp):
-        dense, expert = rank_parameters(cfg, layout, r)
+        held = rank_static_memory(cfg, layout, r)
+        dense, expert = held.parameters - held.expert_parameters, held.expert_parameters
         exposed, total = _grad_sync(c, dense, expert, vpp * lpc * per_layer_b,
                                     vpp * lpc * per_layer_f, overlap_grad_sync)
         sync, sync_total = max(sync, exposed), max(sync_total, total)
