@@ -96,4 +96,5 @@ def test_ci_runs_the_readme_test_command():
     blocks = [b.split("```", 1)[0].strip() for b in readme.split("```bash\n")[1:]]
     assert blocks[:2] == ["pip install -e . && megatron-dots demo",
                           "pip install -e '.[test]' && python -m pytest"]
-    assert blocks[1] in open(os.path.join(root, ".ci", "run")).read()
+    ci_lines = [line.strip() for line in open(os.path.join(root, ".ci", "run"))]
+    assert blocks[1] in ci_lines, "the README's test command must be a line of .ci/run verbatim"
