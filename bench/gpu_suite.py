@@ -228,6 +228,52 @@ def pretrain_rows(out: str, dry: bool) -> List[Dict]:
     return rows
 
 
+def long_context_rows(out: str, dry: bool) -> List[Dict]:
+    """Activations at long context (issue 21): per layer the saved bytes match the analytic
+    model (within 10 %); the layers' bytes and their attention cores' alone grow linearly in s
+    (an s x s tensor would not); Megatron-LM's causal mask keeps what no mask keeps; each
+    attention core against one s x s fp32 score matrix, and on the GPU the allocator's bytes
+    left by the forward against the counter's, reported."""
+    report = _report(out, "long_context_memory.json")
+    if report is None:
+        return [_row("long_context_memory.json", None, "written", False)]
+    records = report["records"]
+    rows = []
+    worst = max(abs(e["measured_total"] - e["predicted_total"]) / max(e["measured_total"], 1)
+                for r in records for e in r["layers"].values())
+    rows.append(_row("layer bytes: max relative diff, measured vs predicted", worst, "<= 0.10",
+                     worst <= 0.10))
+
+    def saved(record, region):
+        return sum(e[region] for e in record["layers"].values())
+
+    plain = sorted((r for r in records if r["mask"] == "none"), key=lambda r: r["seq_length"])
+    if len(plain) >= 2:
+        short, long = plain[0], plain[-1]
+        lengths = long["seq_length"] / short["seq_length"]
+        for region, what in (("measured_total", "layers"), ("attn_core", "attn cores")):
+            growth = saved(long, region) / max(saved(short, region), 1)
+            rows.append(_row(f"{what}: bytes({long['seq_length']}) / bytes("
+                             f"{short['seq_length']})", growth, f"{lengths:g} (linear) +- 2 %",
+                             abs(growth / lengths - 1) <= 0.02))
+    for r in records:
+        if r["mask"] != "none":
+            twin = next((p for p in plain if p["seq_length"] == r["seq_length"]), None)
+            if twin is not None:
+                ratio = saved(r, "measured_total") / max(saved(twin, "measured_total"), 1)
+                rows.append(_row(f"s {r['seq_length']}: bytes with {r['mask']} mask / without",
+                                 ratio, "1 +- 1 %", abs(ratio - 1) <= 0.01))
+        attn = max(e["attn_core"] for e in r["layers"].values())
+        rows.append(_row(f"s {r['seq_length']} mask {r['mask']}: attn core / one s x s fp32",
+                         attn / r["one_score_matrix_fp32"], "reported", None))
+        cuda = r.get("cuda")
+        if cuda:
+            rows.append(_row(f"s {r['seq_length']} mask {r['mask']}: CUDA forward kept / counter",
+                             cuda["forward_kept_bytes"] / max(r["total_bytes"], 1), "reported",
+                             None))
+    return rows
+
+
 def megatron_lm_rows(out: str, dry: bool) -> List[Dict]:
     """Megatron-LM's own pretrain() with our model: every release path exits 0."""
     report = _report(out, os.path.join("megatron_lm", "megatron_lm.json"))
@@ -317,6 +363,12 @@ def steps(out: str) -> List[Dict]:
         dict(name="megatron_lm", limit_s=240, rows=megatron_lm_rows,
              gpu=["bash", os.path.join(HERE, "megatron_lm_gpu.sh"), f"{out}/megatron_lm"],
              dry=["bash", os.path.join(HERE, "megatron_lm_gpu.sh"), f"{out}/megatron_lm"]),
+        dict(name="long_context", limit_s=90, rows=long_context_rows,
+             gpu=_bench("long_context_memory.py", "--device", "cuda", "--dots-model",
+                        "dots-mini", "--layers", "2", "--vocab-size", "32000",
+                        "--out", f"{out}/long_context_memory.json"),
+             dry=_bench("long_context_memory.py", "--lengths", "128,512", "--layers", "2",
+                        "--out", f"{out}/long_context_memory.json")),
     ]
 
 

@@ -190,6 +190,18 @@ def _plan(argv) -> int:
     return main(argv)
 
 
+def _utk(argv) -> int:
+    from .utk.cli import main
+
+    return main(argv)
+
+
+def _eval_long(argv) -> int:
+    from .eval_long.cli import main
+
+    return main(argv)
+
+
 def _megatron_lm_args(argv) -> int:
     from .megatron_lm.native_flags import main
 
@@ -216,6 +228,10 @@ COMMANDS = {
     "sft-preprocess": (_sft_preprocess, "chat JSONL -> token ids + assistant loss masks with "
                        "the chat template (what sft caches)"),
     "preprocess": (_preprocess, "JSONL -> Megatron indexed dataset (.bin/.idx), multiprocess"),
+    "utk": (_utk, "indexed dataset -> UtK long-context samples (chunked, knotted documents "
+            "with markers and a backtracing target), .bin/.idx that pretrain reads"),
+    "eval-long": (_eval_long, "passkey / multi-key retrieval at several lengths and depths "
+                  "(CSV, JSON, heatmap PNG)"),
     "plot-experts": (_plot_experts, "expert-load CSV -> PNG heatmap (layer x expert), or with "
                      "--over-time each layer's max share and imbalance against iteration"),
     "megatron-lm-args": (_megatron_lm_args, "the native Megatron-LM flags of a preset (for "

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
 import gpu_suite  # noqa: E402
 
 STEPS = ["layer_bench", "grouped_vs_sequential", "a2a_overlap", "recompute", "sft", "plan",
-         "pretrain", "a2a_timing", "analysis", "megatron_lm"]
+         "pretrain", "a2a_timing", "analysis", "megatron_lm", "long_context"]
 
 
 @pytest.mark.heavy
@@ -73,6 +73,44 @@ def test_dry_run_runs_every_step(tmp_path):
     # `analyze` ran both analyses (fp32 only on CPU) and reported its throughput.
     analysis = json.loads((tmp_path / "analysis.json").read_text())["results"]
     assert list(analysis) == ["fp32"] and set(analysis["fp32"]["losses"]) == {"low", "high"}
+    # The long-context step measured both lengths with and without Megatron-LM's causal mask.
+    long_context = json.loads((tmp_path / "long_context_memory.json").read_text())["records"]
+    assert [(r["seq_length"], r["mask"]) for r in long_context] == [
+        (128, "none"), (128, "causal"), (512, "none"), (512, "causal")]
+    assert (tmp_path / "long_context_memory.md").read_text().count("| 512 | causal |") == 2
+
+
+def long_context_report(attn_core, sizes=(1024, 2048)):
+    """A long_context_memory.json with one MoE layer per length keeping 100 bytes per token
+    outside attention and `attn_core(s)` in it, without and with the causal mask."""
+    records = []
+    for s in sizes:
+        for mask in ("none", "causal"):
+            layer = {"kind": "moe", "rest": 60 * s, "attn_core": attn_core(s, mask),
+                     "mlp": 40 * s}
+            layer["measured_total"] = layer["predicted_total"] = 100 * s + layer["attn_core"]
+            records.append({"seq_length": s, "mask": mask, "layers": {"2": layer},
+                            "one_score_matrix_fp32": 4.0 * s * s, "total_bytes": 0})
+    return {"records": records}
+
+
+def test_long_context_rows_flag_a_kept_score_matrix(tmp_path):
+    """The suite's check of the long-context report: linear bytes pass; an attention core that
+    keeps an s x s matrix fails the growth rows, one that keeps it only with the causal mask
+    fails the mask rows."""
+    def rows(report):
+        (tmp_path / "long_context_memory.json").write_text(json.dumps(report))
+        return {row["metric"]: row["ok"]
+                for row in gpu_suite.long_context_rows(str(tmp_path), True)}
+
+    linear = rows(long_context_report(lambda s, mask: 20 * s))
+    assert len(linear) == 9 and not any(ok is False for ok in linear.values()), linear
+    quadratic = rows(long_context_report(lambda s, mask: 20 * s + 4 * s * s))
+    assert quadratic["attn cores: bytes(2048) / bytes(1024)"] is False
+    assert quadratic["layers: bytes(2048) / bytes(1024)"] is False
+    masked = rows(long_context_report(lambda s, mask: 20 * s + 4 * s * s * (mask == "causal")))
+    assert masked["attn cores: bytes(2048) / bytes(1024)"] is True
+    assert masked["s 2048: bytes with causal mask / without"] is False
 
 
 def test_a_failing_or_hanging_step_is_recorded_and_the_suite_goes_on(tmp_path):

@@ -18,7 +18,7 @@ from megatron_dots.training import arguments
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLURM = os.path.join(REPO, "examples", "slurm")
 TRAINING = ("dots_llm1.sbatch", "dots_mini_1node.sbatch")
-ALL = TRAINING + ("preprocess.sbatch",)
+ALL = TRAINING + ("dots_llm1_sft.sbatch", "preprocess.sbatch", "utk.sbatch")
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
@@ -181,3 +181,61 @@ def test_preprocess_flags_parse(tmp_path):
     args = build_parser().parse_args(printed_args("preprocess.sbatch", env))
     assert args.input == [f"{tmp_path}/a.jsonl", f"{tmp_path}/b.jsonl.gz"]
     assert args.workers == 64 and args.json_keys == ["text"]
+
+
+def test_dots_llm1_sft_validates_with_sfts_own_checks(paths, tmp_path):
+    """Stage 4: `megatron-dots sft`'s parse + validation at the script's world size; the first
+    job starts from BASE_CKPT, requeues resume from CKPT."""
+    from megatron_dots.sft.arguments import parse_sft_args
+
+    name = "dots_llm1_sft.sbatch"
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    (tmp_path / "ckpt-long").mkdir()
+    env = {"BASE_CKPT": str(tmp_path / "ckpt-long"), "CHAT": str(chat),
+           "TOKENIZER": paths["TOKENIZER"], "CKPT": paths["CKPT"]}
+    argv = printed_args(name, env)
+    args = parse_sft_args(argv, world_size(name))
+    assert args.dots_config.num_layers == 62 and args.bf16 and args.use_distributed_optimizer
+    assert args.pretrained_checkpoint == env["BASE_CKPT"]
+    assert args.save == args.load == paths["CKPT"] and args.exit_signal_handler
+    assert args.data_parallel_size == world_size(name) // 16
+    assert args.global_batch_size % args.data_parallel_size == 0
+    assert sbatch_option(name, "signal").startswith("SIGTERM@")
+
+
+def test_utk_flags_parse(tmp_path):
+    from megatron_dots.utk.cli import build_parser
+
+    env = {"INPUT_PREFIX": f"{tmp_path}/corpus_text_document", "TOKENIZER": str(tmp_path),
+           "OUTPUT_PREFIX": f"{tmp_path}/out/utk", "SLURM_CPUS_PER_TASK": "32"}
+    args = build_parser().parse_args(printed_args("utk.sbatch", env))
+    assert (args.seq_length, args.workers, args.knot_fraction) == (32768, 32, 0.8)
+    assert args.tokenizer == str(tmp_path) and args.output_prefix == f"{tmp_path}/out/utk"
+
+
+@pytest.mark.parametrize("tp", ["8", "4"])
+def test_dots_llm1_long_context_stage_validates(paths, tmp_path, tp):
+    """PHASE=long: a new data stage at 32K from CKPT into LONG_CKPT, 128Mi tokens per step,
+    LONG_TOKENS of them after anneal2's last iteration, the recompute planner on, no overlap."""
+    name = "dots_llm1.sbatch"
+    (tmp_path / "long").mkdir()
+    env = {**paths, "PHASE": "long", "LONG_CKPT": str(tmp_path / "long"), "DOTS_TP": tp}
+    args = validated(printed_args(name, env), world_size(name))
+    assert args.seq_length == 32768 == args.dots_config.max_position_embeddings
+    assert args.dots_config.rotary_base == 1e7
+    assert args.dots_new_data_stage and args.pretrained_checkpoint == paths["CKPT"]
+    assert args.save == args.load == str(tmp_path / "long")
+    assert args.global_batch_size * args.seq_length == 128 << 20 and not args.dots_batch_stages
+    assert (args.lr, args.min_lr, args.lr_decay_style) == (1e-5, 1e-5, "constant")
+    assert args.dots_recompute_budget_gb == 70
+    steps = args.train_iters - 133863
+    assert (steps - 1) * (128 << 20) < 20 * 10**9 <= steps * (128 << 20)
+    result = subprocess.run(["bash", script(name)], capture_output=True, text=True, timeout=30,
+                            env={"PATH": os.environ["PATH"], "DOTS_SBATCH_PRINT_ARGS": "1",
+                                 **env, "DOTS_A2A_OVERLAP": "1"})
+    assert result.returncode == 2 and "does not fit at 32K" in result.stderr
+    env.pop("LONG_CKPT")
+    result = subprocess.run(["bash", script(name)], capture_output=True, text=True, timeout=30,
+                            env={"PATH": os.environ["PATH"], "DOTS_SBATCH_PRINT_ARGS": "1", **env})
+    assert result.returncode != 0 and "LONG_CKPT" in result.stderr

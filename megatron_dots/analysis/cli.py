@@ -11,6 +11,7 @@ from typing import List, Optional
 
 from ..storage.atomic import atomic_write_text
 from .expert_share import DEAD_SHARE, HOT_SHARE, REPORT_EXPERTS
+from .model_source import add_layout_options
 
 DEFAULT_TOKENS = 200_000
 DEFAULT_SEQ_LENGTH = 4096
@@ -38,19 +39,7 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
                         "if smaller)")
     parser.add_argument("--micro-batch-size", type=int, default=2, metavar="B",
                         help="windows per forward pass (default 2)")
-    parser.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=1,
-                        metavar="N", help="tensor parallel size (torchrun; default 1)")
-    parser.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int,
-                        default=1, metavar="N", help="pipeline parallel size (default 1)")
-    parser.add_argument("--expert-model-parallel-size", "--ep", dest="ep", type=int, default=1,
-                        metavar="N", help="expert parallel size (default 1); data parallel "
-                        "takes the remaining ranks")
-    parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
-                        help="weights and activations (default: bf16 on GPU, fp32 on CPU)")
-    parser.add_argument("--expert-backend", default="auto",
-                        choices=("auto", "te", "grouped", "sequential"),
-                        help="expert implementation (default auto: TE grouped GEMM when "
-                        "installed, else torch grouped_mm on GPU, else sequential)")
+    add_layout_options(parser)
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                         help="bootstrap replicates over windows for the 95%% intervals "
                         "(default 1000)")

@@ -36,7 +36,7 @@ class WindowResults:
         return float(self.loss_sum.sum() / max(1, self.predicted.sum()))
 
 
-def _batch_windows(n_windows: int, rows: int, dp_size: int) -> List[List[int]]:
+def batch_windows(n_windows: int, rows: int, dp_size: int) -> List[List[int]]:
     """Window ids of every batch, for all DP ranks in order (batch k runs on DP rank k % dp),
     padded with empty batches to a multiple of `dp_size`."""
     ids = [list(range(first, min(first + rows, n_windows))) for first in range(0, n_windows, rows)]
@@ -134,7 +134,7 @@ def run_windows(model, windows: Sequence[np.ndarray], micro_batch_size: int = 4,
     tp = parallel_state.get_tensor_model_parallel_world_size()
     longest = max(len(w) for w in windows)
     length = -(-longest // tp) * tp
-    batch_ids = _batch_windows(len(windows), micro_batch_size, dp_size)
+    batch_ids = batch_windows(len(windows), micro_batch_size, dp_size)
     recorder = _Recorder(model, len(windows), count_routing)
 
     def forward_step(data_iterator, chunk):

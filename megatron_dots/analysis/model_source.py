@@ -162,3 +162,21 @@ def load_hf_weights(chunk: torch.nn.Module, hf_dir: str, cfg: DotsConfig) -> Non
                               f"does not match the weights: {err}") from None
     finally:
         reader.close()
+
+
+def add_layout_options(parser, data_parallel_note: str = "") -> None:
+    """The flags `load_model` takes (layout, dtype, expert backend), for the commands that load
+    a model under any layout (`analyze`, `eval-long`)."""
+    parser.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=1,
+                        metavar="N", help="tensor parallel size (torchrun; default 1)")
+    parser.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int,
+                        default=1, metavar="N", help="pipeline parallel size (default 1)")
+    parser.add_argument("--expert-model-parallel-size", "--ep", dest="ep", type=int, default=1,
+                        metavar="N", help="expert parallel size (default 1); data parallel "
+                        "takes the remaining ranks" + data_parallel_note)
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                        help="weights and activations (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--expert-backend", default="auto",
+                        choices=("auto", "te", "grouped", "sequential"),
+                        help="expert implementation (default auto: TE grouped GEMM when "
+                        "installed, else torch grouped_mm on GPU, else sequential)")

@@ -64,7 +64,7 @@ def preprocess(inputs: Sequence[str], tokenizer: str, output_prefix: str,
     _check_keys(json_keys)
     if workers < 1:
         raise PreprocessError(f"workers must be at least 1, got {workers}")
-    directory = _check_output_prefix(output_prefix)
+    directory = check_output_prefix(output_prefix)
     tok = load_tokenizer(tokenizer)
     if append_eod:
         tok.eod  # raises TokenizerError, naming the tokenizer, when it has none
@@ -82,9 +82,9 @@ def preprocess(inputs: Sequence[str], tokenizer: str, output_prefix: str,
             if s.documents == 0:
                 raise PreprocessError(f"{', '.join(inputs)}: no documents with tokens under json "
                                       f"key {key!r} ({s.skipped} empty)")
-        _promote(partial, {key: s.prefix for key, s in stats.items()})
+        promote_datasets(partial, {key: s.prefix for key, s in stats.items()})
     finally:
-        _remove_partial(partial.values())
+        remove_partial_datasets(partial.values())
     for key, s in stats.items():
         print(f"preprocess: {key!r}: {s.documents:,} documents, {s.tokens:,} tokens "
               f"({numpy.dtype(dtype).name}), {s.skipped:,} empty documents skipped -> "
@@ -112,7 +112,7 @@ def _check_keys(json_keys: List[str]) -> None:
         raise PreprocessError(f"json keys repeat: {json_keys}")
 
 
-def _check_output_prefix(output_prefix: str) -> str:
+def check_output_prefix(output_prefix: str) -> str:
     """The (existing, writable) directory the datasets go to."""
     if not os.path.basename(output_prefix):
         raise PreprocessError(f"{output_prefix}: the output prefix must name files (e.g. "
@@ -262,7 +262,7 @@ def _write(inputs: List[str], encoder_args, workers: int, dtype, stats: Dict[str
             builder.data_file.close()
 
 
-def _promote(partial: Dict[str, str], final: Dict[str, str]) -> None:
+def promote_datasets(partial: Dict[str, str], final: Dict[str, str]) -> None:
     """Rename each key's complete partial .bin/.idx to its final name. The old .idx goes first
     and the new .idx comes last, so at no moment does a mismatched pair exist."""
     from megatron.core.datasets.indexed_dataset import get_bin_path, get_idx_path
@@ -278,7 +278,7 @@ def _promote(partial: Dict[str, str], final: Dict[str, str]) -> None:
     fsync_path(os.path.dirname(os.path.abspath(next(iter(final.values())))))
 
 
-def _remove_partial(prefixes) -> None:
+def remove_partial_datasets(prefixes) -> None:
     for prefix in prefixes:
         for path in (prefix + ".bin", prefix + ".idx"):
             with contextlib.suppress(FileNotFoundError):

@@ -114,25 +114,32 @@ def _load_sentencepiece(path: str):
 
 
 def train_bpe_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int, *,
-                        model_max_length: int = 2048, overwrite: bool = False) -> str:
+                        model_max_length: int = 2048, overwrite: bool = False,
+                        special_tokens: Sequence[str] = ()) -> str:
     """Train a byte-level BPE on `texts` and save it as a HF tokenizer directory.
 
-    Id 0 is ``<|endoftext|>``, the eos (end-of-document) and pad token. Any text round-trips
-    through encode/decode. Deterministic for the same texts and vocab_size. The directory is
-    written under a hidden name and renamed into place when complete; a non-empty `out_dir`
-    is refused (FileExistsError) unless `overwrite`. Returns `out_dir`.
+    Id 0 is ``<|endoftext|>``, the eos (end-of-document) and pad token; `special_tokens` (e.g.
+    `megatron_dots.utk.markers.marker_names()`) get ids 1, 2, ... and always encode to one id.
+    Any text round-trips through encode/decode. Deterministic for the same texts and
+    vocab_size. The directory is written under a hidden name and renamed into place when
+    complete; a non-empty `out_dir` is refused (FileExistsError) unless `overwrite`. Returns
+    `out_dir`.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    if vocab_size < len(alphabet) + 1:
+    special = [EOD_TOKEN, *[t for t in special_tokens if t != EOD_TOKEN]]
+    if len(set(special)) != len(special):
+        raise TokenizerError(out_dir, f"special tokens repeat: {list(special_tokens)}")
+    if vocab_size < len(alphabet) + len(special):
         raise TokenizerError(out_dir, f"vocab_size {vocab_size} is too small: a byte-level BPE "
-                             f"needs at least {len(alphabet) + 1} (256 bytes + {EOD_TOKEN})")
+                             f"needs at least {len(alphabet) + len(special)} (256 bytes + "
+                             f"{len(special)} special tokens)")
     counted = _Counted(texts)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOD_TOKEN],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                   initial_alphabet=alphabet, show_progress=False)
     tokenizer.train_from_iterator(counted, trainer)
     if counted.count == 0:

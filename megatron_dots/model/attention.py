@@ -8,11 +8,23 @@ as `DotProductAttention` (query/key/value ``[s, b, heads, head_dim]`` -> ``[s, b
 head_dim]``), causal when no mask is given, the given boolean mask (True = masked, Megatron's
 convention) otherwise; grouped-query attention without copying keys and values.
 
+No s x s tensor on the default paths: Megatron-Core passes ``attention_mask=None`` in our
+training (``create_attention_mask=False``), and SDPA then runs causal without a mask tensor
+(flash / memory-efficient on a GPU, the flash kernel on CPU), keeping O(s) bytes per head for
+backward. Megatron-LM's ``pretrain_gpt.py`` by default builds the plain causal mask in its
+dataloader (``[b, 1, s, s]`` bool; ``--no-create-attention-mask-in-dataloader`` turns that
+off): handed to SDPA, an explicit mask rules out the flash kernel, SDPA turns the bool mask
+into an s x s float bias in every layer and keeps it for backward (at 32K: 2 GiB per layer in
+bf16, 4 in fp32). `CausalMaskCheck` recognises that mask (once per mask tensor, shared by the layers) and
+runs it as ``is_causal`` instead: the same attention, without the s x s bias. Any other mask
+(padding, documents) is applied as given.
+
 Not supported (clear errors): context parallelism, packed sequences (THD), attention bias,
 sliding windows, softmax variants other than ``vanilla``. Use the ``te`` backend for those.
 """
 
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -22,6 +34,60 @@ from megatron.core import tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+
+
+# Rows of the mask compared at once (`is_plain_causal_mask`): at most this many elements.
+_CHECK_BLOCK_ELEMENTS = 1 << 24
+
+
+def is_plain_causal_mask(mask: torch.Tensor) -> bool:
+    """Whether `mask` (Megatron's convention: True = masked, ``[..., s, s]``) masks exactly the
+    future keys of every query, in every leading (batch / head) entry. Compared in blocks of
+    rows, so the check never builds a second s x s tensor."""
+    if mask.dtype != torch.bool or mask.dim() < 2 or mask.shape[-1] != mask.shape[-2]:
+        return False
+    s = mask.shape[-1]
+    keys = torch.arange(s, device=mask.device)
+    rows_per_block = max(1, _CHECK_BLOCK_ELEMENTS // max(1, s))
+    differs = torch.zeros((), dtype=torch.bool, device=mask.device)
+    for start in range(0, s, rows_per_block):
+        queries = torch.arange(start, min(s, start + rows_per_block), device=mask.device)
+        future = keys[None, :] > queries[:, None]
+        differs |= (mask[..., start:start + len(queries), :] != future).any()
+    return not bool(differs)  # one device sync per check
+
+
+class CausalMaskCheck:
+    """`is_plain_causal_mask` of the last mask seen, remembered while that tensor lives: every
+    layer of a micro-batch gets the same mask, so the check runs once per micro-batch. A tensor
+    viewing the same memory (same address, shape and strides, e.g. the detached copy an
+    activation checkpoint hands on) while the checked one is alive, and not modified in place
+    since (the version counter views share), reuses the answer."""
+
+    def __init__(self):
+        self._checked = None  # weak reference to the tensor last checked
+        self._key = None
+        self._answer = False
+
+    @staticmethod
+    def _key_of(mask: torch.Tensor):
+        return (mask.device, mask.data_ptr(), tuple(mask.shape), mask.stride(), mask._version)
+
+    def __call__(self, mask: torch.Tensor) -> bool:
+        if mask.is_inference():  # no version counter to tell in-place changes: check each time
+            return is_plain_causal_mask(mask)
+        checked = self._checked() if self._checked is not None else None
+        key = self._key_of(mask)
+        if checked is not None and key == self._key:
+            return self._answer
+        if mask.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False  # no device sync inside a CUDA graph capture: apply the mask as given
+        self._answer = is_plain_causal_mask(mask)
+        self._checked, self._key = weakref.ref(mask), key
+        return self._answer
+
+
+_causal_mask_check = CausalMaskCheck()
 
 
 class SDPACoreAttention(MegatronModule):
@@ -75,10 +141,12 @@ class SDPACoreAttention(MegatronModule):
         kwargs = {"scale": self.softmax_scale}
         if self.groups_per_partition != self.heads_per_partition:
             kwargs["enable_gqa"] = True
-        if attention_mask is not None:
-            kwargs["attn_mask"] = ~attention_mask.bool()
-        else:
+        if attention_mask is None:
             kwargs["is_causal"] = mask_type == AttnMaskType.causal
+        elif self._runs_as_causal(attention_mask, q, k):
+            kwargs["is_causal"] = True
+        else:
+            kwargs["attn_mask"] = ~attention_mask.bool()
         dropout = self.dropout_p if self.training else 0.0
         if dropout > 0.0 and not self.config.sequence_parallel:
             with tensor_parallel.get_cuda_rng_tracker().fork():
@@ -87,3 +155,12 @@ class SDPACoreAttention(MegatronModule):
             context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, **kwargs)
         s, b = query.shape[0], query.shape[1]
         return context.permute(2, 0, 1, 3).reshape(s, b, self.heads_per_partition * self.head_dim)
+
+    @staticmethod
+    def _runs_as_causal(attention_mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> bool:
+        """A given mask that is exactly the causal mask of these queries and keys (module
+        docstring): SDPA's ``is_causal`` gives the same attention without an s x s bias."""
+        if q.shape[-2] != k.shape[-2] or attention_mask.shape[-1] != k.shape[-2]:
+            return False
+        return _causal_mask_check(attention_mask)
+

@@ -203,7 +203,9 @@ def build_parser(prog: str = "megatron-dots pretrain") -> argparse.ArgumentParse
                       help="weights to start from when --load holds no checkpoint yet (e.g. a "
                       "`convert hf-to-mcore` output): with --load and --save the same "
                       "directory, the first job starts from these weights at iteration 0 and "
-                      "a requeued one resumes its own checkpoint")
+                      "a requeued one resumes its own checkpoint. With --dots-new-data-stage "
+                      "its whole training state continues instead (iteration, optimizer, LR "
+                      "schedule): the first job of a new stage")
     ckpt.add_argument("--save-interval", type=int, default=None,
                       help="iterations between checkpoints (and one at the end)")
     ckpt.add_argument("--ckpt-format", default="torch_dist", choices=("torch_dist",),
@@ -218,6 +220,21 @@ def build_parser(prog: str = "megatron-dots pretrain") -> argparse.ArgumentParse
                       "to the newest intact one either way")
     ckpt.add_argument("--finetune", action="store_true",
                       help="load weights only and start at iteration 0")
+    ckpt.add_argument("--dots-new-data-stage", action="store_true",
+                      help="a new data stage (e.g. a long-context stage with a new --seq-length "
+                      "and --data-path): when --load's checkpoint was trained on other data or "
+                      "at another --seq-length, start this run's data at its first sample; the "
+                      "iteration, optimizer state, LR schedule and consumed tokens continue. "
+                      "A checkpoint saved in this stage resumes at its own data position, so "
+                      "requeued jobs keep the flag (one command line for all of a stage's jobs: "
+                      "--load STAGE --save STAGE --pretrained-checkpoint PREVIOUS_STAGE). "
+                      "Without it a new --seq-length is refused and other data continues at "
+                      "the checkpoint's consumed-sample count, as in Megatron-LM")
+    ckpt.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler",
+                      action="store_true", dest="override_opt_param_scheduler",
+                      help="accepted from Megatron-LM scripts; always the case here: the LR "
+                      "schedule of the flags (--lr, --min-lr, warmup, --lr-decay-*) applies, at "
+                      "the position the checkpoint reached")
     ckpt.add_argument("--exit-interval", type=int, default=None,
                       help="save (with --save) and exit when the iteration is a multiple of this")
     ckpt.add_argument("--exit-signal-handler", action="store_true",
@@ -279,6 +296,15 @@ def model_config(args) -> DotsConfig:
         for field, (flag, _) in MODEL_FLAGS.items():
             message = message.replace(f"DotsConfig.{field}", f"{flag} (DotsConfig.{field})")
         raise ArgumentError(message) from None
+
+
+def _max_positions_source(args) -> str:
+    """Where the model's max_position_embeddings came from, when not from the flag."""
+    if getattr(args, "max_position_embeddings", None) is not None:
+        return ""
+    preset = args.dots_model or "dots.llm1"
+    return (f" (the {preset} preset's max_position_embeddings; give a larger "
+            f"--max-position-embeddings to train longer sequences)")
 
 
 def virtual_pipeline_size(args, num_layers: int) -> Optional[int]:
@@ -380,7 +406,7 @@ def validate_args(args, world_size: int, check_data=None) -> None:
         raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if args.seq_length > cfg.max_position_embeddings:
         raise ArgumentError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
-                            f"{cfg.max_position_embeddings}")
+                            f"{cfg.max_position_embeddings}{_max_positions_source(args)}")
 
     # Batch sizes.
     unit = args.micro_batch_size * dp
@@ -449,6 +475,15 @@ def validate_args(args, world_size: int, check_data=None) -> None:
     if args.pretrained_checkpoint is not None and not os.path.exists(args.pretrained_checkpoint):
         raise ArgumentError(f"--pretrained-checkpoint {args.pretrained_checkpoint}: no such "
                             "checkpoint directory")
+    if getattr(args, "dots_new_data_stage", False):
+        if args.load is None:
+            raise ArgumentError("--dots-new-data-stage needs --load: the checkpoint to "
+                                "continue, or this stage's own directory with "
+                                "--pretrained-checkpoint PREVIOUS_STAGE")
+        if args.finetune:
+            raise ArgumentError("give --dots-new-data-stage (continue the checkpoint's "
+                                "iteration, optimizer and LR schedule on new data) or --finetune "
+                                "(weights only, from iteration 0), not both")
     if args.save_interval is not None and args.save is None:
         raise ArgumentError("--save-interval needs --save DIR")
     if args.exit_signal_handler and args.save is None:

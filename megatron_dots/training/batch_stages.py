@@ -95,12 +95,14 @@ def global_batch_size(stages: Sequence[BatchStage], consumed_tokens: int) -> int
     return current.global_batch_size
 
 
-def total_samples(stages: Sequence[BatchStage], seq_length: int, iterations: int) -> int:
-    """Sequences consumed by `iterations` steps under the stage schedule (whole stretches of
-    equal batches at a time, so long schedules cost one step per stage)."""
+def total_samples(stages: Sequence[BatchStage], seq_length: int, iterations: int,
+                  start_tokens: int = 0) -> int:
+    """Sequences consumed by `iterations` steps under the stage schedule, starting after
+    `start_tokens` consumed tokens (whole stretches of equal batches at a time, so long
+    schedules cost one step per stage)."""
     samples, left = 0, iterations
     while left > 0:
-        tokens = samples * seq_length
+        tokens = start_tokens + samples * seq_length
         batch = global_batch_size(stages, tokens)
         upcoming = [s.start_tokens for s in stages if s.start_tokens > tokens]
         steps = left
@@ -109,6 +111,16 @@ def total_samples(stages: Sequence[BatchStage], seq_length: int, iterations: int
         samples += steps * batch
         left -= steps
     return samples
+
+
+def describe_batches(stages: Sequence[BatchStage], seq_length: int) -> str:
+    """The global batch in sequences and tokens, per stage: '8 x 64 = 512 tokens'."""
+    parts = [f"{s.global_batch_size} sequences x {seq_length} = {s.batch_tokens:,} tokens"
+             for s in stages]
+    if len(stages) == 1:
+        return parts[0]
+    return "; ".join(f"from {format_tokens(s.start_tokens)} tokens {part}"
+                     for s, part in zip(stages, parts))
 
 
 def fixed_batch(global_batch_size: int, seq_length: int) -> List[BatchStage]:

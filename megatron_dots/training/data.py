@@ -111,9 +111,10 @@ class GPTDataFeed:
     valid_samples)`, and gives the loop: `configure(config)` (TransformerConfig changes before
     the model is built), `train_batches(consumed_samples, global_batch)` and
     `valid_batches(index, global_batch)` (this DP rank's micro-batches, on the device),
-    `has_validation`, `seq_length_of(batches)` (the schedule's sequence length),
-    `global_tokens(consumed_samples, global_batch)` (tokens of the step, for throughput) and
-    `consumed_tokens(consumed_samples)` (recorded in checkpoints)."""
+    `has_validation`, `seq_length_of(batches)` (the schedule's sequence length) and
+    `global_tokens(consumed_samples, global_batch)` (tokens of the step: throughput, and the
+    consumed-token count that checkpoints record). `consumed_samples` is the position in this
+    feed's data (`data_stage`: a new data stage starts it at 0)."""
 
     def __init__(self, args, train_samples: int, valid_samples: int):
         from megatron.core import parallel_state
@@ -160,9 +161,6 @@ class GPTDataFeed:
 
     def global_tokens(self, consumed_samples: int, global_batch: int) -> int:
         return global_batch * self.seq_length
-
-    def consumed_tokens(self, consumed_samples: int) -> int:
-        return consumed_samples * self.seq_length
 
 
 def micro_batches(dataset, consumed_samples: int, global_batch_size: int, micro_batch_size: int,

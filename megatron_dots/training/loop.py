@@ -21,11 +21,11 @@ import torch
 
 from ..storage.checkpoint_format import iteration_dir
 from .arguments import ArgumentError
-from .batch_stages import global_batch_size
-from .optimizer import samples_after
+from .batch_stages import describe_batches, global_batch_size
+from .data_stage import stage_record, train_samples
 from .precision import logged_loss_scale, precision_name
 from .reporting import Reporter, log
-from .resume import TrainState, resume
+from .resume import TrainState, load_resumed, plan_resume
 
 
 @dataclass
@@ -161,18 +161,17 @@ def build_recompute(args, config, chunks):
                                margin=args.dots_recompute_margin)
 
 
-def _save(args, chunks, optimizer, scheduler, state: TrainState, result: TrainResult,
-          feed) -> None:
+def _save(args, chunks, optimizer, scheduler, state: TrainState, result: TrainResult) -> None:
     from .checkpointing import save_checkpoint
 
     start = time.time()
     path = save_checkpoint(
         chunks, args.save, state.iteration, args.dots_config, optimizer=optimizer,
         scheduler=scheduler, consumed_samples=state.consumed_samples,
-        consumed_tokens=feed.consumed_tokens(state.consumed_samples),
+        consumed_tokens=state.consumed_tokens,
         skipped_iters=state.skipped_iters, nan_iters=state.nan_iters,
         spike_iters=state.spike_iters, loss_window=state.loss_window,
-        precision=precision_name(args),
+        precision=precision_name(args), **stage_record(args, state.data_stage_start),
     )
     result.saved.append(path)
     log(f" saved checkpoint {path} in {time.time() - start:.1f} s")
@@ -215,16 +214,19 @@ def train(args, make_feed) -> TrainResult:
     setup_model_parallel(args)
     try:
         cfg = args.dots_config
-        train_samples = samples_after(args, args.train_iters)
+        point = plan_resume(args)
+        state = point.state
+        samples = train_samples(args, state.iteration, state.consumed_samples,
+                                state.consumed_tokens, state.data_stage_start)
         rounds = (args.train_iters // args.eval_interval + 1) if args.eval_iters else 0
         largest = max(s.global_batch_size for s in args.batch_stages)
-        feed = make_feed(args, train_samples, rounds * args.eval_iters * largest)
+        feed = make_feed(args, samples, rounds * args.eval_iters * largest)
         config = transformer_config(args)
         feed.configure(config)
         chunks = build_model(args, config)
         optimizer = build_optimizer(args, chunks)
         scheduler = build_scheduler(args, optimizer)
-        state = resume(args, chunks, optimizer, scheduler)
+        load_resumed(args, point, chunks, optimizer, scheduler)
         overlap = DataParallelOverlap(chunks, optimizer)
         recompute = build_recompute(args, config, chunks)
 
@@ -233,8 +235,9 @@ def train(args, make_feed) -> TrainResult:
             f"({cfg.num_parameters()[1]:,} active per token); layout tp "
             f"{args.tensor_model_parallel_size} pp {args.pipeline_model_parallel_size} "
             f"vpp {args.virtual_pipeline_model_parallel_size or 1} ep "
-            f"{args.expert_model_parallel_size} dp {dp_size}; training "
-            f"{args.train_iters} iterations on {train_samples:,} samples")
+            f"{args.expert_model_parallel_size} dp {dp_size}; training to iteration "
+            f"{args.train_iters} on {samples:,} samples of {args.seq_length} tokens")
+        log(f" global batch: {describe_batches(args.batch_stages, args.seq_length)}")
         if config.overlap_moe_expert_parallel_comm:
             log(" schedule: all-to-all overlap (combined 1F1B, shared experts during dispatch"
                 + (", delayed expert wgrad" if config.delay_wgrad_compute else "") + ")")
@@ -251,16 +254,17 @@ def train(args, make_feed) -> TrainResult:
         valid_round = 0
         try:
             while state.iteration < args.train_iters:
-                gbs = global_batch_size(args.batch_stages,
-                                        state.consumed_samples * args.seq_length)
-                batches = feed.train_batches(state.consumed_samples, gbs)
+                gbs = global_batch_size(args.batch_stages, state.consumed_tokens)
+                position = state.consumed_samples - state.data_stage_start  # in this data
+                batches = feed.train_batches(position, gbs)
                 loss, grad_norm, updated, verdict = train_step(
                     chunks, optimizer, batches, feed.seq_length_of(batches),
                     args.micro_batch_size, recompute=recompute, numerics=numerics)
-                step_tokens = feed.global_tokens(state.consumed_samples, gbs)
+                step_tokens = feed.global_tokens(position, gbs)
                 overlap.after_step(updated)
                 state.iteration += 1
                 state.consumed_samples += gbs
+                state.consumed_tokens += step_tokens
                 if not updated:
                     state.skipped_iters += 1
                 fault = numerics.after_step(state, loss, grad_norm, verdict)
@@ -286,7 +290,7 @@ def train(args, make_feed) -> TrainResult:
                             result.valid_losses.append((state.iteration, valid_loss))
                             reporter.validation(state.iteration, valid_loss)
                         if save:
-                            _save(args, chunks, optimizer, scheduler, state, result, feed)
+                            _save(args, chunks, optimizer, scheduler, state, result)
                 if fault:
                     raise NumericalFault(fault)
                 if stop or exit_now:
@@ -299,7 +303,7 @@ def train(args, make_feed) -> TrainResult:
                     args.save or "", state.iteration)
                 overlap.close()
                 if args.save and result.losses and not saved_last:
-                    _save(args, chunks, optimizer, scheduler, state, result, feed)
+                    _save(args, chunks, optimizer, scheduler, state, result)
         finally:
             overlap.close()
             signals.restore()
