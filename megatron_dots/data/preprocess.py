@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import gzip
 import json
-import multiprocessing
 import os
 import sys
 import zlib
@@ -24,6 +23,7 @@ import numpy
 
 from ..storage.atomic import fsync_path
 from .tokenizer import TokenizerError, load_tokenizer
+from .worker_pool import worker_pool
 
 CHUNKSIZE = 64  # lines per task sent to a worker
 
@@ -73,8 +73,7 @@ def preprocess(inputs: Sequence[str], tokenizer: str, output_prefix: str,
 
     dtype = DType.optimal_dtype(tok.vocab_size)
     stats = {key: DatasetStats(f"{output_prefix}_{key}_document") for key in json_keys}
-    partial = {key: os.path.join(directory, f".{os.path.basename(s.prefix)}.partial-{os.getpid()}")
-               for key, s in stats.items()}
+    partial = {key: partial_dataset_prefix(directory, s.prefix) for key, s in stats.items()}
     encoder_args = (tok.path, inputs, json_keys, append_eod)
     try:
         _write(inputs, encoder_args, workers, dtype, stats, partial, progress)
@@ -202,11 +201,8 @@ def _encoded(inputs: List[str], encoder_args, workers: int):
     if workers == 1:
         yield map(_Encoder(*encoder_args).encode, _read_lines(inputs))
         return
-    # fork: workers start at once, without re-importing torch and megatron (spawn elsewhere).
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with _tokenizers_fork_quiet():
-        pool = multiprocessing.get_context(method).Pool(
-            workers, initializer=_init_worker, initargs=encoder_args)
+        pool = worker_pool(workers, _init_worker, encoder_args)
     with pool:  # terminates the workers however the block ends
         yield pool.imap(_encode_in_worker, _read_lines(inputs), chunksize=CHUNKSIZE)
 
@@ -260,6 +256,11 @@ def _write(inputs: List[str], encoder_args, workers: int, dtype, stats: Dict[str
     finally:
         for builder in builders.values():
             builder.data_file.close()
+
+
+def partial_dataset_prefix(directory: str, prefix: str) -> str:
+    """The hidden name a dataset is written under in `directory` until `promote_datasets`."""
+    return os.path.join(directory, f".{os.path.basename(prefix)}.partial-{os.getpid()}")
 
 
 def promote_datasets(partial: Dict[str, str], final: Dict[str, str]) -> None:

@@ -108,7 +108,6 @@ class SFTDataFeed:
                                 f"--dots-sft-overlong {args.dots_sft_overlong})")
         self.train = SampleOrder(train, args.seed)
         self.valid = SampleOrder(valid, args.seed + 1) if len(valid) else None
-        self.epoch_samples = len(train)
         self._log_counts(train, valid, train_samples)
 
     def _check_token_ids(self, vocab: int) -> None:
@@ -167,12 +166,6 @@ class SFTDataFeed:
         """Real (unpadded) input tokens of the step's global batch."""
         return sum(input_length(int(self.lengths[c]), self.seq_length)
                    for c in self.train.span(consumed_samples, global_batch))
-
-    def consumed_tokens(self, consumed_samples: int) -> int:
-        epochs, rest = divmod(consumed_samples, self.epoch_samples)
-        per_epoch = sum(input_length(int(n), self.seq_length)
-                        for n in self.lengths[self.train.pool])
-        return epochs * per_epoch + self.global_tokens(epochs * self.epoch_samples, rest)
 
 
 def _split_weights(split: str) -> List[float]:

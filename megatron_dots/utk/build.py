@@ -11,7 +11,6 @@ failed run leaves nothing under the final names.
 """
 
 import contextlib
-import multiprocessing
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -19,7 +18,9 @@ from typing import List, Optional, Tuple
 import numpy
 
 from ..data.indexed_check import check_indexed_dataset
-from ..data.preprocess import check_output_prefix, promote_datasets, remove_partial_datasets
+from ..data.preprocess import (check_output_prefix, partial_dataset_prefix, promote_datasets,
+                                remove_partial_datasets)
+from ..data.worker_pool import worker_pool
 from ..storage.progress import progress_bar
 from .knotting import KnotConfig, KnotStats, build_samples
 from .markers import MarkerIds
@@ -121,10 +122,7 @@ def _built_groups(plan: BuildPlan, groups: List[Tuple[int, int]], workers: int):
         dataset = _open(plan.input_prefix)
         yield (build_group(plan, *task, dataset=dataset) for task in tasks)
         return
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = multiprocessing.get_context(method).Pool(workers, initializer=_init_worker,
-                                                    initargs=(plan,))
-    with pool:  # terminates the workers however the block ends
+    with worker_pool(workers, _init_worker, (plan,)) as pool:
         yield pool.imap(_build_in_worker, tasks)
 
 
@@ -154,7 +152,7 @@ def build_utk(plan: BuildPlan, output_prefix: str, workers: int = 1, group_sampl
         raise UtkError(f"{plan.input_prefix}: the dataset holds no tokens")
     directory = check_output_prefix(output_prefix)
     groups = plan_groups(lengths, group_samples * plan.config.seq_length)
-    partial = os.path.join(directory, f".{os.path.basename(output_prefix)}.partial-{os.getpid()}")
+    partial = partial_dataset_prefix(directory, output_prefix)
     total = KnotStats()
     builder = None
     try:
